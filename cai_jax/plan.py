@@ -58,10 +58,13 @@ def activation_bytes(cfg: MistralConfig, batch: int, seq: int, remat: bool,
                      head: str = "lm") -> int:
   """Training activations for one micro-batch of `batch` x `seq` tokens (unsharded).
 
-  Without remat: per layer ~ (34 D + 5 H S) bytes per token at 2-byte
-  activations (Korthikanti et al.), scaled to the compute dtype. With remat:
-  each layer's input is kept (D per token) plus one layer's full activations.
-  The logits of the loss (fp32, plus their softmax) come on top.
+  A layer's full activations are ~ (34 D + 5 H S) bytes per token at 2-byte
+  activations (Korthikanti et al.), scaled to the compute dtype; that is what
+  every layer keeps with `remat_policy="none"`. With remat, each layer keeps
+  its input (D per token); with the "minimal" policy it keeps its matmul
+  outputs (input, q, k, v, attention output, MLP gate/up/down: 3 D + H hd +
+  2 K hd + 2 F per token). Either way one layer's full activations exist while
+  it is recomputed. The logits of the loss (fp32, plus their softmax) come on top.
   """
   a = _bytes(cfg.dtype)
   tokens = batch * seq
@@ -69,6 +72,10 @@ def activation_bytes(cfg: MistralConfig, batch: int, seq: int, remat: bool,
   per_layer = tokens * (34 * cfg.hidden_size + 5 * cfg.num_attention_heads * window) * a / 2
   if remat:
     acts = cfg.num_hidden_layers * tokens * cfg.hidden_size * a + per_layer
+  elif cfg.remat_policy == "minimal":
+    kept = (3 * cfg.hidden_size + (cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+            * cfg.head_dim + 2 * cfg.intermediate_size)
+    acts = cfg.num_hidden_layers * tokens * kept * a + per_layer
   else:
     acts = cfg.num_hidden_layers * per_layer
   logits = 2 * tokens * (cfg.vocab_size if head == "lm" else 1) * 4

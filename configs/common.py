@@ -24,6 +24,7 @@ def add_run_fields(c: ml_collections.ConfigDict, *, eval_every: int, save_every:
   c.dtype = ""                          # compute dtype override, e.g. "bfloat16"
   c.param_dtype = ""                    # master weights, e.g. "float32"
   c.remat = False                       # recompute each layer's activations in the backward
+  c.remat_policy = ""                   # without remat: "minimal" (model default) or "none"
   c.log_every = log_every
   c.eval_every = eval_every
   c.save_every = save_every

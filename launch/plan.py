@@ -24,7 +24,8 @@ _JSON = flags.DEFINE_string("json", "", "Also write the numbers (bytes) to this 
 
 def model_with(cfg, stage_cfg):
   m = to_mistral_config(stage_cfg.model)
-  over = {k: stage_cfg.get(k) for k in ("dtype", "param_dtype") if stage_cfg.get(k)}
+  over = {k: stage_cfg.get(k) for k in ("dtype", "param_dtype", "remat_policy")
+          if stage_cfg.get(k)}
   return m.replace(**over, remat=bool(stage_cfg.get("remat", False)))
 
 

@@ -138,6 +138,25 @@ def test_gradients_match_torch_autograd(tmp_path, tied):
     assert err <= 1e-4, f"{name}: relative grad error {err:.2e}"
 
 
+def test_remat_policies_give_the_same_gradients():
+  """What a layer keeps for the backward changes speed and memory, never the result."""
+  base = MistralConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, sliding_window=WINDOW)
+  tokens = hf_utils.random_tokens(3, 2, SEQ, base.vocab_size)
+  loss_mask = _right_padded_mask(2, SEQ, [SEQ, 9])
+  params = Mistral(base).init(jax.random.PRNGKey(0), tokens)["params"]
+
+  def grads(cfg):
+    loss = lambda p: _masked_token_ce(Mistral(cfg).apply({"params": p}, tokens), tokens, loss_mask)
+    return jax.jit(jax.grad(loss))(params)
+
+  with pytest.raises(ValueError, match="remat_policy"):
+    base.replace(remat_policy="dots")
+  reference = grads(base.replace(remat_policy="none"))
+  for cfg in (base.replace(remat_policy="minimal"), base.replace(remat=True)):
+    chex.assert_trees_all_close(grads(cfg), reference, atol=1e-6, rtol=1e-5)
+
+
 # --- numerics and heads -----------------------------------------------------------
 
 def test_bf16_compute_fp32_params_close_to_fp32(tmp_path):

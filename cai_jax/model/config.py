@@ -13,6 +13,9 @@ def _dtype_name(value: Any) -> str:
   return jnp.dtype(value).name
 
 
+REMAT_POLICIES = ("minimal", "none")
+
+
 @dataclasses.dataclass(frozen=True)
 class MistralConfig:
   """Shapes and numerics of a Mistral decoder.
@@ -39,8 +42,15 @@ class MistralConfig:
   eos_token_id: int = 2
   dtype: Any = "float32"
   param_dtype: Any = "float32"
-  # Recompute each decoder layer's activations in the backward pass.
+  # Recompute each decoder layer's activations in the backward pass, keeping
+  # only the layer inputs (least memory, one extra forward of compute).
   remat: bool = False
+  # What a layer keeps for the backward when `remat` is False: "minimal" keeps
+  # the outputs of the projection and MLP matmuls and recomputes the cheap rest
+  # (norms, RoPE, SwiGLU, attention scores and probabilities); "none" keeps
+  # everything. "minimal" is both faster (the [heads, seq, seq] probabilities
+  # and elementwise temporaries are never written out and read back) and lighter.
+  remat_policy: str = "minimal"
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -51,6 +61,8 @@ class MistralConfig:
       raise ValueError(
           f"num_attention_heads={self.num_attention_heads} must be a multiple of "
           f"num_key_value_heads={self.num_key_value_heads}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
     if self.sliding_window is not None and self.sliding_window <= 0:
       object.__setattr__(self, "sliding_window", None)
 

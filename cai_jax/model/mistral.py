@@ -187,13 +187,17 @@ class Attention(nn.Module):
       v_all = jax.lax.dynamic_index_in_dim(cv_all, layer, keepdims=False).astype(q.dtype)
       new_cache = (ck_all, cv_all, layer + 1)
 
-    B, T = q.shape[:2]
-    q = q.reshape(B, T, K, H // K, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_all,
+    # Each KV head's G query heads are stacked with time, [B, K, G*T, hd], so the
+    # scores are one [G*T, S] matmul per (batch, KV head) that lands in the layout
+    # the mask, the softmax and the second matmul read (no transposes of [.., S]).
+    B, T, S, G = q.shape[0], q.shape[1], k_all.shape[1], H // K
+    q = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
+    scores = jnp.einsum("bkqd,bskd->bkqs", q, k_all,
                         preferred_element_type=jnp.float32) * (hd ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all).reshape(B, T, H, hd)
+    scores = jnp.where(mask[:, None, None], scores.reshape(B, K, G, T, S), _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype).reshape(B, K, G * T, S)
+    out = jnp.einsum("bkqs,bskd->bkqd", probs, v_all)
+    out = out.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
     out = proj("bthk,hkd->btd", (H, hd, D), ("heads", "head_dim", "embed"), "o_proj")(out)
     return out, new_cache
 
@@ -300,6 +304,9 @@ class Mistral(nn.Module):
     layer_cls = DecoderLayer
     if cfg.remat:
       layer_cls = nn.remat(layer_cls, prevent_cse=False)
+    elif cfg.remat_policy == "minimal":
+      layer_cls = nn.remat(layer_cls, prevent_cse=False,
+                           policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     layers = nn.scan(
         layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),

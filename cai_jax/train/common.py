@@ -37,7 +37,9 @@ def model_config_from(cfg) -> MistralConfig:
 def _overrides(cfg) -> dict:
   return {k: v for k, v in dict(dtype=cfg.get("dtype", None) or None,
                                 param_dtype=cfg.get("param_dtype", None) or None,
-                                remat=cfg.get("remat", None)).items() if v is not None}
+                                remat=cfg.get("remat", None),
+                                remat_policy=cfg.get("remat_policy", None) or None).items()
+          if v is not None}
 
 
 def load_or_init(cfg, mesh: Mesh, *, head: str = "lm", init_from: str | None = None,
@@ -45,7 +47,7 @@ def load_or_init(cfg, mesh: Mesh, *, head: str = "lm", init_from: str | None = N
   """Params for a stage, created or restored directly on the mesh.
 
   From `init_from` (an HF or cai_jax model dir) or, if empty, random
-  `config.model`. `cfg.dtype` / `cfg.param_dtype` / `cfg.remat` (if set)
+  `config.model`. `cfg.dtype` / `cfg.param_dtype` / `cfg.remat` / `cfg.remat_policy` (if set)
   override the checkpoint's. With `allow_head_change`, an LM checkpoint
   initialises a scalar-head model (the reward model from the SFT model): the
   body is loaded and the scalar head starts random.
