@@ -172,6 +172,16 @@ def apply_top_k_top_p(logits, top_k, top_p):
   return jnp.where(logits < threshold, NEG_INF, logits)
 
 
+def greedy_token(logits):
+  """argmax over the last axis (first index among ties), as a max then a min over
+  the positions that reach it: XLA:CPU runs the fused (value, index) argmax
+  reduction about 6x slower, which at batch 32 costs 2 ms of every decode step."""
+  V = logits.shape[-1]
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  first = jnp.min(jnp.where(logits == top, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+  return jnp.minimum(first, V - 1)  # a NaN row has no maximum; keep the index in range
+
+
 def _token_logprob(logits, token):
   """log_softmax(logits)[token] per row, without materialising the full log-softmax."""
   picked = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
@@ -194,7 +204,7 @@ def _process_and_sample(logits, step, seen, stop_single_mask, sp: SamplingParams
                         lambda l: l, logits)
 
   def greedy_only(l):
-    token = jnp.argmax(l, axis=-1).astype(jnp.int32)
+    token = greedy_token(l)
     return token, _token_logprob(l, token)
 
   def with_sampling(l):
@@ -206,7 +216,7 @@ def _process_and_sample(logits, step, seen, stop_single_mask, sp: SamplingParams
     filtered = jnp.where(sp.greedy[:, None], l, filtered)
     keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(sp.seeds)
     sampled = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-    token = jnp.where(sp.greedy, jnp.argmax(l, axis=-1).astype(jnp.int32), sampled)
+    token = jnp.where(sp.greedy, greedy_token(l), sampled)
     return token, _token_logprob(filtered, token)
 
   token, lp = jax.lax.cond(jnp.all(sp.greedy), greedy_only, with_sampling, logits)

@@ -213,7 +213,7 @@ def test_prefill_then_decode_matches_full_forward(tmp_path, window):
   slots = cache_slots(cfg, N)
   assert slots == (N if window is None else window)
   cache = cache_from_prefill(*pre.kv, jnp.asarray(valid[:, :P]), slots)
-  chex.assert_shape(cache.k, (cfg.num_hidden_layers, B, slots, cfg.num_key_value_heads,
+  chex.assert_shape(cache.k, (cfg.num_hidden_layers, B, cfg.num_key_value_heads, slots,
                               cfg.head_dim))
   pre_logits = np.asarray(pre.logits)
   np.testing.assert_allclose(pre_logits[valid[:, :P]], full[:, :P][valid[:, :P]], atol=1e-5, rtol=0)

@@ -560,7 +560,7 @@ def test_sliding_window_cache_holds_window_slots(window_model, global_model):
   _, cfg, params = window_model
   assert cache_slots(cfg, 48) == WINDOW and cache_slots(cfg, 4) == 4
   assert cache_slots(global_model[1], 48) == 48
-  # The decode loop's carried cache: [layers, batch, WINDOW, kv_heads, head_dim], not P + N.
+  # The decode loop's carried cache: [layers, batch, kv_heads, WINDOW, head_dim], not P + N.
   B, P, N = 4, 16, 32
   sp = sampling.make_sampling_params(3, B, greedy=True, max_new_tokens=NEW)
   fn = functools.partial(sampling.sample, cfg, max_new_tokens=N)
@@ -568,8 +568,21 @@ def test_sliding_window_cache_holds_window_slots(window_model, global_model):
   loops = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "while"]
   assert len(loops) == 1
   kv = [v.aval.shape for v in loops[0].outvars if v.aval.ndim == 5]
-  want = (cfg.num_hidden_layers, B, WINDOW, cfg.num_key_value_heads, cfg.head_dim)
+  want = (cfg.num_hidden_layers, B, cfg.num_key_value_heads, WINDOW, cfg.head_dim)
   assert kv == [want, want]
+
+
+def test_greedy_token_is_argmax_with_first_index_on_ties():
+  rng = np.random.RandomState(0)
+  logits = rng.randn(6, 1001).astype(np.float32)
+  logits[1, [7, 300, 999]] = 50.0          # three-way tie: the first index wins
+  logits[2] = 0.0                          # all equal: index 0
+  logits[3, -1] = 80.0                     # the last index
+  logits[4, :] = -np.inf
+  logits[4, 5] = -1.0                      # everything else impossible
+  got = np.asarray(jax.jit(sampling.greedy_token)(logits))
+  np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+  assert got.dtype == np.int32
 
 
 # --- 9. errors ---------------------------------------------------------------------------

@@ -37,7 +37,9 @@ def _init(axes):
 class KVCache(NamedTuple):
   """Decode-time state of every layer.
 
-  k, v: [layers, batch, slots, kv_heads, head_dim]. `col[b, s]` is the column
+  k, v: [layers, batch, kv_heads, slots, head_dim] (heads before slots: the
+  layout attention reads, so a decode step never transposes the cache).
+  `col[b, s]` is the column
   index of the token held in slot s of row b, -1 when empty or padding. The
   column written at step c goes to slot c % slots, so with slots ==
   sliding_window the buffer rolls and never grows past the window.
@@ -50,11 +52,11 @@ class KVCache(NamedTuple):
 
   @property
   def num_slots(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
 
 def init_cache(config: MistralConfig, batch: int, num_slots: int, dtype=None) -> KVCache:
-  shape = (config.num_hidden_layers, batch, num_slots, config.num_key_value_heads, config.head_dim)
+  shape = (config.num_hidden_layers, batch, config.num_key_value_heads, num_slots, config.head_dim)
   dtype = dtype or config.compute_dtype
   return KVCache(
       k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
@@ -69,23 +71,23 @@ def cache_slots(config: MistralConfig, total_len: int) -> int:
 
 
 def cache_from_prefill(k: Array, v: Array, valid: Array, num_slots: int) -> KVCache:
-  """Turns a prefill's per-layer keys/values [L, B, T, ...] into a cache.
+  """Turns a prefill's per-layer keys/values [L, B, kv_heads, T, head_dim] into a cache.
 
   Only the last `num_slots` columns are kept, each in slot `column % num_slots`,
   so later decode steps continue the same ring.
   """
-  T = k.shape[2]
+  T = k.shape[3]
   cols = jnp.where(valid, jnp.arange(T, dtype=jnp.int32)[None, :], -1)
   if T <= num_slots:
     pad = num_slots - T
-    k = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
-    v = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
+    k = jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
     cols = jnp.pad(cols, ((0, 0), (0, pad)), constant_values=-1)
   else:
     start = T - num_slots
     shift = start % num_slots
-    k = jnp.roll(k[:, :, start:], shift, axis=2)
-    v = jnp.roll(v[:, :, start:], shift, axis=2)
+    k = jnp.roll(k[:, :, :, start:], shift, axis=3)
+    v = jnp.roll(v[:, :, :, start:], shift, axis=3)
     cols = jnp.roll(cols[:, start:], shift, axis=1)
   return KVCache(k=k, v=v, col=cols, index=jnp.asarray(T, jnp.int32))
 
@@ -165,7 +167,8 @@ class Attention(nn.Module):
     k = proj("btd,dhk->bthk", (D, K, hd), ("embed", "kv_heads", "head_dim"), "k_proj")(x)
     v = proj("btd,dhk->bthk", (D, K, hd), ("embed", "kv_heads", "head_dim"), "v_proj")(x)
     q = apply_rope(q, cos, sin)
-    k = apply_rope(k, cos, sin)
+    k = apply_rope(k, cos, sin).transpose(0, 2, 1, 3)    # [B, K, T, hd], the cache layout
+    v = v.transpose(0, 2, 1, 3)
 
     if layer_cache is None:
       k_all, v_all = k, v
@@ -176,13 +179,13 @@ class Attention(nn.Module):
       # every layer's cache on every decode step.
       ck_all, cv_all, layer = layer_cache
       k_new, v_new = k.astype(ck_all.dtype)[None], v.astype(cv_all.dtype)[None]
-      if k.shape[1] == 1:
-        start = (layer, 0, write_slots[0], 0, 0)
+      if k.shape[2] == 1:
+        start = (layer, 0, 0, write_slots[0], 0)
         ck_all = jax.lax.dynamic_update_slice(ck_all, k_new, start)
         cv_all = jax.lax.dynamic_update_slice(cv_all, v_new, start)
-      else:
-        ck_all = ck_all.at[layer, :, write_slots].set(k_new[0].swapaxes(0, 1))
-        cv_all = cv_all.at[layer, :, write_slots].set(v_new[0].swapaxes(0, 1))
+      else:  # [layer, :, :, slots] indexes as [T, B, K, hd]
+        ck_all = ck_all.at[layer, :, :, write_slots].set(k_new[0].transpose(2, 0, 1, 3))
+        cv_all = cv_all.at[layer, :, :, write_slots].set(v_new[0].transpose(2, 0, 1, 3))
       k_all = jax.lax.dynamic_index_in_dim(ck_all, layer, keepdims=False).astype(q.dtype)
       v_all = jax.lax.dynamic_index_in_dim(cv_all, layer, keepdims=False).astype(q.dtype)
       new_cache = (ck_all, cv_all, layer + 1)
@@ -190,13 +193,13 @@ class Attention(nn.Module):
     # Each KV head's G query heads are stacked with time, [B, K, G*T, hd], so the
     # scores are one [G*T, S] matmul per (batch, KV head) that lands in the layout
     # the mask, the softmax and the second matmul read (no transposes of [.., S]).
-    B, T, S, G = q.shape[0], q.shape[1], k_all.shape[1], H // K
+    B, T, S, G = q.shape[0], q.shape[1], k_all.shape[2], H // K
     q = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
-    scores = jnp.einsum("bkqd,bskd->bkqs", q, k_all,
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k_all,
                         preferred_element_type=jnp.float32) * (hd ** -0.5)
     scores = jnp.where(mask[:, None, None], scores.reshape(B, K, G, T, S), _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype).reshape(B, K, G * T, S)
-    out = jnp.einsum("bkqs,bskd->bkqd", probs, v_all)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v_all)
     out = out.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
     out = proj("bthk,hkd->btd", (H, hd, D), ("heads", "head_dim", "embed"), "o_proj")(out)
     return out, new_cache
@@ -242,7 +245,7 @@ class MistralOutput(NamedTuple):
   logits: Array               # [B, T, vocab] (lm head) or [B, T] (scalar head), float32
   hidden: Array | None        # final-norm hidden states [B, T, D] if asked for
   cache: KVCache | None       # updated cache (decode) or None
-  kv: tuple | None            # per-layer (k, v) [L, B, T, kv_heads, head_dim] from a prefill
+  kv: tuple | None            # per-layer (k, v) [L, B, kv_heads, T, head_dim] from a prefill
 
 
 class Mistral(nn.Module):
