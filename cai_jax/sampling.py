@@ -215,7 +215,9 @@ def _process_and_sample(logits, step, seen, stop_single_mask, sp: SamplingParams
     # A greedy row's distribution is the unfiltered one whatever its batch-mates ask for.
     filtered = jnp.where(sp.greedy[:, None], l, filtered)
     keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(sp.seeds)
-    sampled = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    # Gumbel-max, i.e. `jax.random.categorical`, with `greedy_token` for its argmax.
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, filtered.shape[1:], filtered.dtype))(keys)
+    sampled = greedy_token(filtered + gumbel)
     token = jnp.where(sp.greedy, greedy_token(l), sampled)
     return token, _token_logprob(filtered, token)
 
@@ -252,8 +254,10 @@ def sample(config: MistralConfig, params, prompt_ids, prompt_lengths, sp: Sampli
   valid = cols >= pad
   positions = jnp.maximum(cols - pad, 0)
 
+  # Prompts are left-padded, so column P-1 is every row's last token; the vocab
+  # projection runs on the other columns only when their log-probs are asked for.
   out = model.apply({"params": params}, prompt_ids, positions=positions, attention_mask=valid,
-                    return_kv=True)
+                    return_kv=True, head_columns=None if return_prompt_logprobs else (P - 1, P))
   logits_all = out.logits
   num_slots = cache_slots(config, P + N)
   cache = cache_from_prefill(out.kv[0], out.kv[1], valid, num_slots)

@@ -173,6 +173,18 @@ def test_bf16_compute_fp32_params_close_to_fp32(tmp_path):
   assert 0 < rel <= 5e-2, rel
 
 
+@pytest.mark.parametrize("head, tied", [("lm", False), ("lm", True), ("scalar", False)])
+def test_head_columns_is_the_same_slice_of_the_head(head, tied):
+  cfg = MistralConfig(**{**hf_utils.TINY, "sliding_window": WINDOW, "tie_word_embeddings": tied})
+  model = Mistral(cfg, head=head)
+  tokens = jnp.asarray(hf_utils.random_tokens(8, 2, SEQ, cfg.vocab_size))
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(1), tokens)["params"])
+  full = model.apply({"params": params}, tokens)
+  part = jax.jit(lambda p, t: model.apply({"params": p}, t, head_columns=(4, 9)))(params, tokens)
+  chex.assert_shape(part, (2, 5) + full.shape[2:])
+  np.testing.assert_allclose(np.asarray(part), np.asarray(full)[:, 4:9], atol=1e-6, rtol=0)
+
+
 def test_scalar_head_returns_one_float32_per_position():
   cfg = MistralConfig(**{**hf_utils.TINY, "sliding_window": WINDOW})
   model = Mistral(cfg, head="scalar")

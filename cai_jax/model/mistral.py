@@ -265,6 +265,9 @@ class Mistral(nn.Module):
       cache.index .. cache.index + T - 1.
     return_kv: also return each layer's keys/values (to build a cache after a prefill).
     return_hidden: also return the final hidden states.
+    head_columns: (start, stop), static: apply the head to those columns only,
+      e.g. the positions that predict a response, so the vocab projection is
+      not spent on the prompt. Logits are then [B, stop - start, ...].
     full_output: return a `MistralOutput` instead of just the logits.
   """
   config: MistralConfig
@@ -273,7 +276,8 @@ class Mistral(nn.Module):
   @nn.compact
   def __call__(self, tokens, positions=None, attention_mask=None, segment_ids=None, *,
                cache: KVCache | None = None, return_kv: bool = False,
-               return_hidden: bool = False, full_output: bool = False):
+               return_hidden: bool = False, full_output: bool = False,
+               head_columns: tuple[int, int] | None = None):
     cfg = self.config
     B, T = tokens.shape
     if self.head not in ("lm", "scalar"):
@@ -319,16 +323,17 @@ class Mistral(nn.Module):
     (x, carried), kv = layers((x, layer_cache), cos, sin, mask, write_slots)
 
     hidden = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="norm")(x)
+    head_in = hidden if head_columns is None else hidden[:, head_columns[0]:head_columns[1]]
     if self.head == "scalar":
       out = nn.Dense(1, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                     kernel_init=_init(("embed", "score")), name="score")(hidden)
+                     kernel_init=_init(("embed", "score")), name="score")(head_in)
       out = out[..., 0].astype(jnp.float32)
     elif cfg.tie_word_embeddings:
-      out = embed.attend(hidden).astype(jnp.float32)
+      out = embed.attend(head_in).astype(jnp.float32)
     else:
       out = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
                      param_dtype=cfg.weight_dtype, kernel_init=_init(("embed", "vocab")),
-                     name="lm_head")(hidden).astype(jnp.float32)
+                     name="lm_head")(head_in).astype(jnp.float32)
 
     if not (full_output or return_kv or return_hidden or cache is not None):
       return out

@@ -90,8 +90,8 @@ def response_logprobs(config: MistralConfig, params, r: Rollout, P: int, tempera
   """Log-probs [B, N] of the response tokens (and per-token entropies) at `temperature`."""
   N = r.mask.shape[1]
   logits = Mistral(config).apply({"params": params}, r.seq, positions=r.positions,
-                                 attention_mask=r.valid)
-  logits = logits[:, P - 1:P + N - 1].astype(jnp.float32) / temperature
+                                 attention_mask=r.valid, head_columns=(P - 1, P + N - 1))
+  logits = logits / temperature
   logz = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, r.seq[:, P:, None], axis=-1)[..., 0]
   logp = jnp.where(r.mask, picked - logz, 0.0)
@@ -106,8 +106,8 @@ def response_values(config: MistralConfig, params, r: Rollout, P: int):
   """Critic values [B, N]: V before emitting response token t = head output at column P+t-1."""
   N = r.mask.shape[1]
   v = Mistral(config, head="scalar").apply({"params": params}, r.seq, positions=r.positions,
-                                           attention_mask=r.valid)
-  return jnp.where(r.mask, v[:, P - 1:P + N - 1].astype(jnp.float32), 0.0)
+                                           attention_mask=r.valid, head_columns=(P - 1, P + N - 1))
+  return jnp.where(r.mask, v, 0.0)
 
 
 def rm_score(config: MistralConfig, params, seq, valid, positions, last_col):
@@ -130,8 +130,8 @@ def sequence_kl(actor_cfg, actor_params, ref_cfg, ref_params, r: Rollout, P: int
 
   def log_probs(cfg, params):
     logits = Mistral(cfg).apply({"params": params}, r.seq, positions=r.positions,
-                                attention_mask=r.valid)
-    return jax.nn.log_softmax(logits[:, P - 1:P + N - 1].astype(jnp.float32) / temperature)
+                                attention_mask=r.valid, head_columns=(P - 1, P + N - 1))
+    return jax.nn.log_softmax(logits / temperature)
 
   lp, lq = log_probs(actor_cfg, actor_params), log_probs(ref_cfg, ref_params)
   kl = jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
