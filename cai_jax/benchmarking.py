@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cai_jax.compile_options import gradient_program_options
+
 MODES = ("model", "generate", "sft", "ppo")
 
 # This 2-core CPU's fp32 matmul peak (BENCHMARKS.md), the denominator of MFU on CPU.
@@ -245,7 +247,7 @@ def bench_model(setup: Setup, shapes: Shapes, reps: int) -> dict:
     num, den, _ = lm_loss(p, b, None)
     return num / den
 
-  grads = jax.jit(jax.grad(mean_loss))
+  grads = jax.jit(jax.grad(mean_loss), compiler_options=gradient_program_options())
   log(f"model: cai_jax forward {B}x{T}")
   ours_fwd = time_calls(lambda: jax.block_until_ready(forward(params, tokens_dev)), reps)
   log(f"model: cai_jax forward+backward {B}x{T}")

@@ -39,6 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from cai_jax import parallel, sampling
+from cai_jax.compile_options import gradient_program_options
 from cai_jax.data import batching, jsonl
 from cai_jax.model import Mistral, MistralConfig
 from cai_jax.tokenizer import Tokenizer, get_template
@@ -413,7 +414,7 @@ class PPOTrainer:
                           P=P, hp=hp),
         in_shardings=(self.actor_shardings, self.critic_shardings, exp_sh, replicated),
         out_shardings=(self.actor_shardings, self.critic_shardings, replicated),
-        donate_argnums=(0, 1))
+        donate_argnums=(0, 1), compiler_options=gradient_program_options())
     # Small programs that hand results to the host, replicated so every process
     # can read them (a batch-sharded array is not addressable on one host).
     self.eval_fn = jax.jit(

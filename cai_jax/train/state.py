@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cai_jax.compile_options import gradient_program_options
+
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
 
 
@@ -139,7 +141,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
 
   replicated = NamedSharding(mesh, P())
   return jax.jit(step, in_shardings=(shardings, batch_shardings),
-                 out_shardings=(shardings, replicated), donate_argnums=(0,))
+                 out_shardings=(shardings, replicated), donate_argnums=(0,),
+                 compiler_options=gradient_program_options())
 
 
 def make_eval_step(loss_fn: LossFn, *, param_shardings, batch_shardings, mesh: Mesh):
