@@ -28,7 +28,8 @@ PRESETS = {
                        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
 }
 _DEFAULTS = dict(rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, dtype="float32",
-                 param_dtype="float32", remat=False, remat_policy="minimal")
+                 param_dtype="float32", remat=False, remat_policy="minimal",
+                 attention_query_block=128)
 
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:

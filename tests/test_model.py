@@ -53,12 +53,15 @@ def test_logits_match_transformers(tmp_path, kv_heads, window):
   tokens = hf_utils.random_tokens(1, 2, SEQ, cfg.vocab_size)
   mask = _right_padded_mask(2, SEQ, [SEQ, 8])
   ref = hf_utils.torch_logits(torch_model, tokens, mask)
-  out = _apply_fn(cfg)(params, tokens, mask)
-  chex.assert_shape(out, (2, SEQ, 101))
-  chex.assert_type(out, jnp.float32)
-  out = np.asarray(out)
   valid = mask.astype(bool)
-  np.testing.assert_allclose(out[valid], ref[valid], atol=1e-4, rtol=0)
+  # One attention block, and blocks of 4 queries (4+4+4+1), each against only the
+  # keys it can see (with the window, later blocks skip the earliest keys).
+  for block in (0, 4):
+    out = _apply_fn(cfg.replace(attention_query_block=block))(params, tokens, mask)
+    chex.assert_shape(out, (2, SEQ, 101))
+    chex.assert_type(out, jnp.float32)
+    out = np.asarray(out)
+    np.testing.assert_allclose(out[valid], ref[valid], atol=1e-4, rtol=0)
   assert np.abs(ref).max() > 1.0  # the comparison is not vacuous
 
 
@@ -79,12 +82,14 @@ def test_packed_row_equals_separate_sequences(tmp_path):
   tokens = hf_utils.random_tokens(4, 1, la + lb, cfg.vocab_size)
   seg = np.array([[1] * la + [2] * lb], np.int32)
   pos = np.array([list(range(la)) + list(range(lb))], np.int32)
-  packed = np.asarray(_apply_fn(cfg)(params, tokens, None, pos, seg))
   model = Mistral(cfg)
   alone_a = np.asarray(model.apply({"params": params}, tokens[:, :la]))
   alone_b = np.asarray(model.apply({"params": params}, tokens[:, la:]))
-  np.testing.assert_allclose(packed[:, :la], alone_a, atol=1e-5, rtol=0)
-  np.testing.assert_allclose(packed[:, la:], alone_b, atol=1e-5, rtol=0)
+  for block in (0, 3):  # query blocks that straddle the segment boundary
+    packed = np.asarray(_apply_fn(cfg.replace(attention_query_block=block))(
+        params, tokens, None, pos, seg))
+    np.testing.assert_allclose(packed[:, :la], alone_a, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(packed[:, la:], alone_b, atol=1e-5, rtol=0)
 
 
 # --- gradient parity --------------------------------------------------------------
@@ -138,8 +143,9 @@ def test_gradients_match_torch_autograd(tmp_path, tied):
     assert err <= 1e-4, f"{name}: relative grad error {err:.2e}"
 
 
-def test_remat_policies_give_the_same_gradients():
-  """What a layer keeps for the backward changes speed and memory, never the result."""
+def test_remat_policies_and_attention_blocks_give_the_same_gradients():
+  """What a layer keeps for the backward, and how attention is blocked, change speed
+  and memory, never the gradients."""
   base = MistralConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                        num_attention_heads=4, num_key_value_heads=2, sliding_window=WINDOW)
   tokens = hf_utils.random_tokens(3, 2, SEQ, base.vocab_size)
@@ -153,7 +159,8 @@ def test_remat_policies_give_the_same_gradients():
   with pytest.raises(ValueError, match="remat_policy"):
     base.replace(remat_policy="dots")
   reference = grads(base.replace(remat_policy="none"))
-  for cfg in (base.replace(remat_policy="minimal"), base.replace(remat=True)):
+  for cfg in (base.replace(remat_policy="minimal"), base.replace(remat=True),
+              base.replace(attention_query_block=4)):
     chex.assert_trees_all_close(grads(cfg), reference, atol=1e-6, rtol=1e-5)
 
 

@@ -51,6 +51,11 @@ class MistralConfig:
   # everything. "minimal" is both faster (the [heads, seq, seq] probabilities
   # and elementwise temporaries are never written out and read back) and lighter.
   remat_policy: str = "minimal"
+  # Causal attention over the whole sequence (training, scoring, prefill) runs
+  # in query blocks of at least this many tokens (and at most 8 blocks), each
+  # against only the keys it can see: ~(n+1)/2n of the full [T, T] work for n
+  # blocks, less with a sliding window shorter than T. 0 = one block.
+  attention_query_block: int = 128
 
   def __post_init__(self):
     if self.head_dim is None:

@@ -28,6 +28,7 @@ from cai_jax.parallel import constrain
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 Array = jax.Array
+_MAX_QUERY_BLOCKS = 8
 
 
 def _init(axes):
@@ -154,6 +155,25 @@ class Einsum(nn.Module):
     return jnp.einsum(self.eqn, x.astype(self.dtype), kernel.astype(self.dtype))
 
 
+def _attend(q: Array, k: Array, v: Array, mask: Array, dtype) -> Array:
+  """softmax(q k / sqrt(head_dim), masked) v: q [B, T, H, hd], k/v [B, K, S, hd],
+  mask [B, T, S] -> [B, T, H, hd].
+
+  Each KV head's G query heads are stacked with time, [B, K, G*T, hd], so the
+  scores are one [G*T, S] matmul per (batch, KV head) that lands in the layout
+  the mask, the softmax and the second matmul read (no transposes of [.., S]).
+  """
+  B, T, H, hd = q.shape
+  K, S = k.shape[1], k.shape[2]
+  G = H // K
+  q = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
+  scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
+  scores = jnp.where(mask[:, None, None], scores.reshape(B, K, G, T, S), _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(B, K, G * T, S)
+  out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
+  return out.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
+
+
 class Attention(nn.Module):
   config: MistralConfig
 
@@ -190,17 +210,22 @@ class Attention(nn.Module):
       v_all = jax.lax.dynamic_index_in_dim(cv_all, layer, keepdims=False).astype(q.dtype)
       new_cache = (ck_all, cv_all, layer + 1)
 
-    # Each KV head's G query heads are stacked with time, [B, K, G*T, hd], so the
-    # scores are one [G*T, S] matmul per (batch, KV head) that lands in the layout
-    # the mask, the softmax and the second matmul read (no transposes of [.., S]).
-    B, T, S, G = q.shape[0], q.shape[1], k_all.shape[2], H // K
-    q = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k_all,
-                        preferred_element_type=jnp.float32) * (hd ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores.reshape(B, K, G, T, S), _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype).reshape(B, K, G * T, S)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v_all)
-    out = out.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
+    T = q.shape[1]
+    # At most _MAX_QUERY_BLOCKS blocks (each unrolled in the program), of at least
+    # attention_query_block queries.
+    block = cfg.attention_query_block and max(cfg.attention_query_block, -(-T // _MAX_QUERY_BLOCKS))
+    if layer_cache is None and block and T > block:
+      # Query block [s, e) only needs keys [lo, e): later columns are in its
+      # future and columns before lo are outside every one of its windows.
+      outs = []
+      for s in range(0, T, block):
+        e = min(s + block, T)
+        lo = 0 if cfg.sliding_window is None else max(0, s - cfg.sliding_window + 1)
+        outs.append(_attend(q[:, s:e], k_all[:, :, lo:e], v_all[:, :, lo:e], mask[:, s:e, lo:e],
+                            cfg.compute_dtype))
+      out = jnp.concatenate(outs, axis=1)
+    else:
+      out = _attend(q, k_all, v_all, mask, cfg.compute_dtype)
     out = proj("bthk,hkd->btd", (H, hd, D), ("heads", "head_dim", "embed"), "o_proj")(out)
     return out, new_cache
 
