@@ -91,6 +91,20 @@ def _max_abs_diff(a, b) -> float:
              for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
+# ---- compiler options ------------------------------------------------------------------
+
+def test_gradient_program_options_change_speed_not_gradients(host_params):
+  from cai_jax.compile_options import gradient_program_options
+  opts = gradient_program_options()
+  assert opts and all(k.startswith("xla_cpu_") for k in opts)   # the tests run on CPU
+  loss = make_lm_loss(CFG)
+  grad = jax.grad(lambda p, b: loss(p, b, None)[0])
+  batch = _batch(3)
+  tuned = jax.jit(grad, compiler_options=opts)(host_params, batch)
+  plain = jax.jit(grad)(host_params, batch)
+  assert _max_abs_diff(tuned, plain) <= 1e-5
+
+
 # ---- gradient accumulation ------------------------------------------------------------
 
 def test_microbatches_have_unequal_token_counts():
