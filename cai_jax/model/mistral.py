@@ -40,10 +40,10 @@ class KVCache(NamedTuple):
 
   k, v: [layers, batch, kv_heads, slots, head_dim] (heads before slots: the
   layout attention reads, so a decode step never transposes the cache).
-  `col[b, s]` is the column
-  index of the token held in slot s of row b, -1 when empty or padding. The
-  column written at step c goes to slot c % slots, so with slots ==
-  sliding_window the buffer rolls and never grows past the window.
+  `col[b, s]` is the column index of the token held in slot s of row b, -1
+  when empty or padding. The column written at step c goes to slot c % slots,
+  so with slots == sliding_window the buffer rolls and never grows past the
+  window.
   `index` is the next column to be written (scalar int32).
   """
   k: Array
