@@ -232,7 +232,9 @@ def test_prefill_then_decode_matches_full_forward(tmp_path, window):
   slots = cache_slots(cfg, N)
   assert slots == (N if window is None else window)
   cache = cache_from_prefill(*pre.kv, jnp.asarray(valid[:, :P]), slots)
-  chex.assert_shape(cache.k, (cfg.num_hidden_layers, B, cfg.num_key_value_heads, slots,
+  chex.assert_shape(cache.k, (cfg.num_hidden_layers, B, cfg.num_key_value_heads, cfg.head_dim,
+                              slots))
+  chex.assert_shape(cache.v, (cfg.num_hidden_layers, B, cfg.num_key_value_heads, slots,
                               cfg.head_dim))
   pre_logits = np.asarray(pre.logits)
   np.testing.assert_allclose(pre_logits[valid[:, :P]], full[:, :P][valid[:, :P]], atol=1e-5, rtol=0)

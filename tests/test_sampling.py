@@ -560,7 +560,8 @@ def test_sliding_window_cache_holds_window_slots(window_model, global_model):
   _, cfg, params = window_model
   assert cache_slots(cfg, 48) == WINDOW and cache_slots(cfg, 4) == 4
   assert cache_slots(global_model[1], 48) == 48
-  # The decode loop's carried cache: [layers, batch, kv_heads, WINDOW, head_dim], not P + N.
+  # The decode loop's carried cache: WINDOW slots, not P + N (k: [layers, batch, kv_heads,
+  # head_dim, slots], v: [layers, batch, kv_heads, slots, head_dim]).
   B, P, N = 4, 16, 32
   sp = sampling.make_sampling_params(3, B, greedy=True, max_new_tokens=NEW)
   fn = functools.partial(sampling.sample, cfg, max_new_tokens=N)
@@ -568,8 +569,8 @@ def test_sliding_window_cache_holds_window_slots(window_model, global_model):
   loops = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "while"]
   assert len(loops) == 1
   kv = [v.aval.shape for v in loops[0].outvars if v.aval.ndim == 5]
-  want = (cfg.num_hidden_layers, B, cfg.num_key_value_heads, WINDOW, cfg.head_dim)
-  assert kv == [want, want]
+  L, K, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+  assert kv == [(L, B, K, hd, WINDOW), (L, B, K, WINDOW, hd)]
 
 
 def test_greedy_token_is_argmax_with_first_index_on_ties():

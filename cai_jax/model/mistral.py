@@ -38,8 +38,9 @@ def _init(axes):
 class KVCache(NamedTuple):
   """Decode-time state of every layer.
 
-  k, v: [layers, batch, kv_heads, slots, head_dim] (heads before slots: the
-  layout attention reads, so a decode step never transposes the cache).
+  k: [layers, batch, kv_heads, head_dim, slots] and v: [layers, batch,
+  kv_heads, slots, head_dim]: the layouts a decode step's two attention
+  matmuls read without transposing (q @ k and probs @ v, both plain).
   `col[b, s]` is the column index of the token held in slot s of row b, -1
   when empty or padding. The column written at step c goes to slot c % slots,
   so with slots == sliding_window the buffer rolls and never grows past the
@@ -53,14 +54,14 @@ class KVCache(NamedTuple):
 
   @property
   def num_slots(self) -> int:
-    return self.k.shape[3]
+    return self.v.shape[3]
 
 
 def init_cache(config: MistralConfig, batch: int, num_slots: int, dtype=None) -> KVCache:
   shape = (config.num_hidden_layers, batch, config.num_key_value_heads, num_slots, config.head_dim)
   dtype = dtype or config.compute_dtype
   return KVCache(
-      k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+      k=jnp.zeros(shape[:3] + shape[4:] + shape[3:4], dtype), v=jnp.zeros(shape, dtype),
       col=jnp.full((batch, num_slots), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
@@ -72,7 +73,8 @@ def cache_slots(config: MistralConfig, total_len: int) -> int:
 
 
 def cache_from_prefill(k: Array, v: Array, valid: Array, num_slots: int) -> KVCache:
-  """Turns a prefill's per-layer keys/values [L, B, kv_heads, T, head_dim] into a cache.
+  """Turns a prefill's per-layer keys/values [L, B, kv_heads, T, head_dim] into a cache
+  (keys stored transposed, see `KVCache`).
 
   Only the last `num_slots` columns are kept, each in slot `column % num_slots`,
   so later decode steps continue the same ring.
@@ -90,7 +92,7 @@ def cache_from_prefill(k: Array, v: Array, valid: Array, num_slots: int) -> KVCa
     k = jnp.roll(k[:, :, :, start:], shift, axis=3)
     v = jnp.roll(v[:, :, :, start:], shift, axis=3)
     cols = jnp.roll(cols[:, start:], shift, axis=1)
-  return KVCache(k=k, v=v, col=cols, index=jnp.asarray(T, jnp.int32))
+  return KVCache(k=k.swapaxes(3, 4), v=v, col=cols, index=jnp.asarray(T, jnp.int32))
 
 
 def attention_mask_from_columns(q_col: Array, k_col: Array, sliding_window: int | None,
@@ -155,19 +157,20 @@ class Einsum(nn.Module):
     return jnp.einsum(self.eqn, x.astype(self.dtype), kernel.astype(self.dtype))
 
 
-def _attend(q: Array, k: Array, v: Array, mask: Array, dtype) -> Array:
-  """softmax(q k / sqrt(head_dim), masked) v: q [B, T, H, hd], k/v [B, K, S, hd],
-  mask [B, T, S] -> [B, T, H, hd].
+def _attend(q: Array, k: Array, v: Array, mask: Array, dtype, k_transposed: bool = False) -> Array:
+  """softmax(q k / sqrt(head_dim), masked) v: q [B, T, H, hd], k/v [B, K, S, hd]
+  (k [B, K, hd, S] if `k_transposed`), mask [B, T, S] -> [B, T, H, hd].
 
   Each KV head's G query heads are stacked with time, [B, K, G*T, hd], so the
   scores are one [G*T, S] matmul per (batch, KV head) that lands in the layout
   the mask, the softmax and the second matmul read (no transposes of [.., S]).
   """
   B, T, H, hd = q.shape
-  K, S = k.shape[1], k.shape[2]
+  K, S = v.shape[1], v.shape[2]
   G = H // K
   q = q.reshape(B, T, K, G, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, hd)
-  scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
+  scores = jnp.einsum("bkqd,bkds->bkqs" if k_transposed else "bkqd,bksd->bkqs", q, k,
+                      preferred_element_type=jnp.float32) * (hd ** -0.5)
   scores = jnp.where(mask[:, None, None], scores.reshape(B, K, G, T, S), _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(B, K, G * T, S)
   out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
@@ -200,11 +203,11 @@ class Attention(nn.Module):
       ck_all, cv_all, layer = layer_cache
       k_new, v_new = k.astype(ck_all.dtype)[None], v.astype(cv_all.dtype)[None]
       if k.shape[2] == 1:
-        start = (layer, 0, 0, write_slots[0], 0)
-        ck_all = jax.lax.dynamic_update_slice(ck_all, k_new, start)
-        cv_all = jax.lax.dynamic_update_slice(cv_all, v_new, start)
-      else:  # [layer, :, :, slots] indexes as [T, B, K, hd]
-        ck_all = ck_all.at[layer, :, :, write_slots].set(k_new[0].transpose(2, 0, 1, 3))
+        ck_all = jax.lax.dynamic_update_slice(ck_all, k_new.swapaxes(3, 4),
+                                              (layer, 0, 0, 0, write_slots[0]))
+        cv_all = jax.lax.dynamic_update_slice(cv_all, v_new, (layer, 0, 0, write_slots[0], 0))
+      else:  # [layer, :, :, :, slots] / [layer, :, :, slots] index as [T, B, K, hd]
+        ck_all = ck_all.at[layer, :, :, :, write_slots].set(k_new[0].transpose(2, 0, 1, 3))
         cv_all = cv_all.at[layer, :, :, write_slots].set(v_new[0].transpose(2, 0, 1, 3))
       k_all = jax.lax.dynamic_index_in_dim(ck_all, layer, keepdims=False).astype(q.dtype)
       v_all = jax.lax.dynamic_index_in_dim(cv_all, layer, keepdims=False).astype(q.dtype)
@@ -225,7 +228,7 @@ class Attention(nn.Module):
                             cfg.compute_dtype))
       out = jnp.concatenate(outs, axis=1)
     else:
-      out = _attend(q, k_all, v_all, mask, cfg.compute_dtype)
+      out = _attend(q, k_all, v_all, mask, cfg.compute_dtype, k_transposed=layer_cache is not None)
     out = proj("bthk,hkd->btd", (H, hd, D), ("heads", "head_dim", "embed"), "o_proj")(out)
     return out, new_cache
 
