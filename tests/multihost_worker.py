@@ -14,12 +14,10 @@ computes the single-process reference from exactly the same definitions.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import loopback
 
 MESH_SHAPE = (1, 2, 2)  # fsdp spans the two processes, tensor the two local devices
 SEED = 0
@@ -73,17 +71,9 @@ def _local_rows(sharding, global_shape) -> np.ndarray:
 
 def main(argv=None):
   parser = argparse.ArgumentParser()
-  parser.add_argument("--process_id", type=int, required=True)
-  parser.add_argument("--num_processes", type=int, default=2)
-  parser.add_argument("--port", type=int, required=True)
+  loopback.add_cluster_args(parser)
   args = parser.parse_args(argv)
-
-  sys.path.insert(0, REPO)
-  import jax
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
-                             num_processes=args.num_processes, process_id=args.process_id,
-                             initialization_timeout=60)
+  jax = loopback.join(args)
   from cai_jax import parallel
 
   assert jax.process_count() == args.num_processes, jax.process_count()

@@ -18,7 +18,8 @@ import argparse
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import loopback
+from loopback import REPO
 RED_TEAM = os.path.join(REPO, "data", "red_team_attempts_sample.jsonl")
 
 # The synthetic reward: the fraction of response tokens whose id lies in
@@ -90,32 +91,19 @@ def make_config(tokenizer_path: str, train_prompts: str, val_prompts: str = "", 
   cfg.save_every = 0
   cfg.sample_every = 1
   cfg.export_hf = False
-  for key, value in overrides.items():
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  cfg.update_from_flattened_dict(overrides)
   return cfg
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser()
-  parser.add_argument("--process_id", type=int, required=True)
-  parser.add_argument("--num_processes", type=int, default=2)
-  parser.add_argument("--port", type=int, required=True)
+  loopback.add_cluster_args(parser)
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--tokenizer", required=True)
   parser.add_argument("--train_prompts", required=True)
   parser.add_argument("--export_hf", type=int, default=0)
   args = parser.parse_args(argv)
-
-  sys.path.insert(0, REPO)
-  import jax
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
-                             num_processes=args.num_processes, process_id=args.process_id,
-                             initialization_timeout=60)
+  jax = loopback.join(args)
   assert jax.process_count() == args.num_processes and jax.local_device_count() == 2
   from cai_jax.train.ppo import run_ppo
   cfg = make_config(args.tokenizer, args.train_prompts, export_hf=bool(args.export_hf))

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import loopback
 import ppo_worker as worker
 import train_worker
 from cai_jax import checkpoint
@@ -535,36 +535,13 @@ def test_sharded_iteration_matches_one_device(mesh, tmp_path, sp_model_path, pro
   assert_params_close(params, one_device[1])
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_match_one_device(tmp_path, sp_model_path, prompt_files, one_device):
-  port = _free_port()
   workdir = str(tmp_path / "shared")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-         "JAX_PLATFORMS": "cpu"}
-  procs = [subprocess.Popen(
-      [sys.executable, worker.__file__, f"--process_id={i}", "--num_processes=2", f"--port={port}",
-       f"--workdir={workdir}", f"--tokenizer={sp_model_path}",
-       f"--train_prompts={prompt_files[0]}", "--export_hf=1"],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outputs = []
-  try:
-    for p in procs:
-      out, err = p.communicate(timeout=400)
-      outputs.append((p.returncode, out, err))
-  finally:
-    for p in procs:  # on a timeout, do not leave the peer waiting on its partner
-      if p.poll() is None:
-        p.kill()
-        p.communicate()
-  for i, (rc, out, err) in enumerate(outputs):
-    assert rc == 0, f"process {i} exited {rc}:\n{out}\n{err[-6000:]}"
-  scores = [float(line.split()[1]) for _, out, _ in outputs for line in out.splitlines()
+  outs = loopback.run_workers(worker.__file__, [
+      f"--workdir={workdir}", f"--tokenizer={sp_model_path}",
+      f"--train_prompts={prompt_files[0]}", "--export_hf=1"])
+  scores = [float(line.split()[1]) for out in outs for line in out.splitlines()
             if line.startswith("SCORE ")]
   assert len(scores) == 2 and scores[0] == scores[1]   # one replicated value, seen by both
   (got,) = train_metrics(workdir)                        # written once, by process 0

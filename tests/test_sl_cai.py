@@ -236,12 +236,7 @@ def _cfg(tmp_path, **overrides):
   cfg.progress = False
   cfg.limit = 6
   cfg.batch_size = 4
-  for key, value in overrides.items():
-    target = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
+  cfg.update_from_flattened_dict(overrides)
   return cfg
 
 

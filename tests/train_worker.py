@@ -21,12 +21,10 @@ import argparse
 import json
 import os
 import random
-import socket
 import subprocess
-import sys
-import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import loopback
+from loopback import REPO
 SFT_DATA = os.path.join(REPO, "data", "sft_datablend_sample.jsonl")
 MESH_SHAPE = (1, 2, 2)
 
@@ -51,7 +49,7 @@ def sft_config(tokenizer_path: str, **overrides):
   c.save_every = 2
   c.val_fraction = 0.05
   c.export_hf = False
-  _apply(c, overrides)
+  c.update_from_flattened_dict(overrides)
   return c
 
 
@@ -108,7 +106,7 @@ def rm_config(tokenizer_path: str, train_file: str, test_file: str = "", **overr
   c.eval_every = 0
   c.save_every = 2
   c.export_hf = False
-  _apply(c, overrides)
+  c.update_from_flattened_dict(overrides)
   return c
 
 
@@ -116,15 +114,6 @@ def rm_shard_config(tokenizer_path: str, train_file: str, test_file: str,
                     micro_batch_size: int, steps: int = 3):
   return rm_config(tokenizer_path, train_file, test_file, max_steps=steps, save_every=0,
                    micro_batch_size=micro_batch_size)
-
-
-def _apply(cfg, overrides: dict) -> None:
-  for key, value in overrides.items():
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
 
 
 # ---- synthetic preferences ------------------------------------------------------
@@ -198,46 +187,14 @@ def train_losses(workdir: str) -> list[float]:
 
 # ---- launching two processes (from the tests) ---------------------------------------
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def run_two_processes(stage: str, workdir, sp_model_path, cache_dir, *, steps: int = 3,
                       **files) -> list[str]:
   """Runs tests/train_worker.py as 2 processes x 2 CPU devices; returns their stdouts."""
-  port = _free_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-         "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache_dir,
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  extra = [f"--{k}={v}" for k, v in files.items()]
-  # Output to files, not pipes: a process blocked on a full pipe would stall its peer too.
-  logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(2)]
-  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--stage={stage}",
-                             f"--process_id={i}", "--num_processes=2", f"--port={port}",
-                             f"--workdir={workdir}", f"--tokenizer={sp_model_path}",
-                             f"--max_steps={steps}"] + extra,
-                            env=env, cwd=REPO, stdout=logs[i][0], stderr=logs[i][1])
-           for i in range(2)]
-  try:
-    for p in procs:
-      p.wait(timeout=400)
-  finally:
-    for p in procs:   # on a timeout, don't leave the other process waiting on its peer
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  outputs = []
-  for p, (out, err) in zip(procs, logs):
-    out.seek(0)
-    err.seek(0)
-    outputs.append((p.returncode, out.read(), err.read()))
-    out.close()
-    err.close()
-  for i, (rc, out, err) in enumerate(outputs):
-    assert rc == 0, f"process {i} exited {rc}:\n{out}\n{err[-4000:]}"
-  return [out for _, out, _ in outputs]
+  return loopback.run_workers(
+      os.path.abspath(__file__),
+      [f"--stage={stage}", f"--workdir={workdir}", f"--tokenizer={sp_model_path}",
+       f"--max_steps={steps}"] + [f"--{k}={v}" for k, v in files.items()],
+      env={"JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
 
 
 # ---- the worker process ---------------------------------------------------------------
@@ -245,24 +202,16 @@ def run_two_processes(stage: str, workdir, sp_model_path, cache_dir, *, steps: i
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--stage", choices=("sft", "rm"), required=True)
-  parser.add_argument("--process_id", type=int, required=True)
-  parser.add_argument("--num_processes", type=int, default=2)
-  parser.add_argument("--port", type=int, required=True)
+  loopback.add_cluster_args(parser)
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--tokenizer", required=True)
   parser.add_argument("--train_file", default="")
   parser.add_argument("--test_file", default="")
   parser.add_argument("--max_steps", type=int, default=4)
   args = parser.parse_args(argv)
-
-  sys.path.insert(0, REPO)
-  import jax
+  jax = loopback.join(args)
   from absl import logging
   logging.set_verbosity(logging.WARNING)
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
-                             num_processes=args.num_processes, process_id=args.process_id,
-                             initialization_timeout=60)
   from cai_jax import parallel
   mesh = parallel.create_mesh(MESH_SHAPE)
   if args.stage == "sft":
