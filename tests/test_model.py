@@ -18,7 +18,9 @@ import pytest
 
 import hf_utils
 from cai_jax import checkpoint
-from cai_jax.model import Mistral, MistralConfig, cache_from_prefill, cache_slots
+from cai_jax.model import (Mistral, MistralConfig, cache_from_prefill, cache_slots,
+                           lm_head_kernel)
+from cai_jax.train.lm import make_lm_loss
 
 SEQ = 13
 WINDOW = 5
@@ -103,7 +105,10 @@ def _masked_token_ce(logits, tokens, loss_mask):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_gradients_match_torch_autograd(tmp_path, tied):
+@pytest.mark.parametrize("loss", ["logits", "sft"])
+def test_gradients_match_torch_autograd(tmp_path, tied, loss):
+  """`loss="logits"`: cross-entropy written on the module's logits; `"sft"`: the
+  SFT loss, whose vocab head and cross-entropy have a hand-written gradient."""
   import torch
   torch_model, cfg, params = _load(tmp_path, seed=11, sliding_window=WINDOW,
                                    tie_word_embeddings=tied)
@@ -113,8 +118,14 @@ def test_gradients_match_torch_autograd(tmp_path, tied):
   loss_mask[:, :4] = 0  # prompt tokens carry no loss
 
   model = Mistral(cfg)
+  sft_loss = make_lm_loss(cfg)
+  batch = {"tokens": tokens, "segment_ids": attn, "loss_mask": loss_mask,
+           "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), tokens.shape)}
 
   def loss_fn(p):
+    if loss == "sft":
+      num, den, _ = sft_loss(p, batch, None)
+      return num / den
     return _masked_token_ce(model.apply({"params": p}, tokens, attention_mask=attn), tokens,
                             loss_mask)
 
@@ -190,6 +201,22 @@ def test_head_columns_is_the_same_slice_of_the_head(head, tied):
   part = jax.jit(lambda p, t: model.apply({"params": p}, t, head_columns=(4, 9)))(params, tokens)
   chex.assert_shape(part, (2, 5) + full.shape[2:])
   np.testing.assert_allclose(np.asarray(part), np.asarray(full)[:, 4:9], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_skipping_the_head_returns_what_the_head_multiplies(tied):
+  cfg = MistralConfig(**{**hf_utils.TINY, "tie_word_embeddings": tied})
+  model = Mistral(cfg)
+  tokens = jnp.asarray(hf_utils.random_tokens(9, 2, SEQ, cfg.vocab_size))
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(2), tokens)["params"])
+  out = model.apply({"params": params}, tokens, apply_head=False)
+  assert out.logits is None
+  chex.assert_shape(out.hidden, (2, SEQ, cfg.hidden_size))
+  kernel = lm_head_kernel(cfg, params)
+  chex.assert_shape(kernel, (cfg.hidden_size, cfg.vocab_size))
+  np.testing.assert_allclose(np.asarray(out.hidden @ kernel),
+                             np.asarray(model.apply({"params": params}, tokens)),
+                             atol=1e-5, rtol=0)
 
 
 def test_scalar_head_returns_one_float32_per_position():

@@ -25,7 +25,7 @@ from cai_jax import parallel
 from cai_jax.model import MistralConfig
 from cai_jax.train import common, optim
 from cai_jax.train.checkpointing import Checkpointer, CheckpointRestoreError
-from cai_jax.train.lm import make_lm_loss
+from cai_jax.train.lm import make_lm_loss, vocab_cross_entropy
 from cai_jax.train.loop import TrainingDivergedError, check_workdir_writable, truncate_metrics
 from cai_jax.train.state import (accumulate_gradients, create_state, make_eval_step,
                                  make_train_step)
@@ -103,6 +103,39 @@ def test_gradient_program_options_change_speed_not_gradients(host_params):
   tuned = jax.jit(grad, compiler_options=opts)(host_params, batch)
   plain = jax.jit(grad)(host_params, batch)
   assert _max_abs_diff(tuned, plain) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_vocab_cross_entropy_matches_autodiff_of_optax(dtype, tol):
+  """The hand-written gradient of the fused head + cross-entropy against autodiff
+  of optax's cross-entropy on the logits; weighted positions give each row its own
+  upstream gradient (and weight 0 a position that must get none)."""
+  k = jax.random.split(jax.random.PRNGKey(4), 4)
+  hidden = jax.random.normal(k[0], (3, 5, 16)).astype(dtype)
+  kernel = (jax.random.normal(k[1], (16, 37)) * 0.5).astype(dtype)
+  logits = jnp.einsum("btd,dv->btv", hidden, kernel).astype(jnp.float32)
+  # Row 1 predicts its highest logit, the others random tokens: both outcomes of `correct`.
+  targets = jax.random.randint(k[2], (3, 5), 0, 37).at[1].set(jnp.argmax(logits[1], -1))
+  weights = jax.random.uniform(k[3], (3, 5)).at[0, 0].set(0.0)
+
+  def reference(h, w):
+    z = jnp.einsum("btd,dv->btv", h, w).astype(jnp.float32)
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(z, targets) * weights)
+
+  def fused(h, w):
+    return jnp.sum(vocab_cross_entropy(h, w, targets)[0] * weights)
+
+  ref_val, ref_grads = jax.jit(jax.value_and_grad(reference, (0, 1)))(hidden, kernel)
+  val, grads = jax.jit(jax.value_and_grad(fused, (0, 1)))(hidden, kernel)
+  np.testing.assert_allclose(float(val), float(ref_val), rtol=1e-6)
+  for g, r in zip(grads, ref_grads):
+    assert g.dtype == r.dtype == dtype
+    g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+    assert np.abs(g - r).max() <= tol * np.abs(r).max()
+  _, correct = vocab_cross_entropy(hidden, kernel, targets)
+  expected = np.asarray(jnp.argmax(logits, -1) == targets, np.float32)
+  assert 0 < expected.sum() < expected.size
+  np.testing.assert_array_equal(np.asarray(correct), expected)
 
 
 # ---- gradient accumulation ------------------------------------------------------------

@@ -333,25 +333,19 @@ def _option_logits_fn(config):
   """A jitted `(params, tokens, mask, last, option_ids) -> (option logits, logsumexp)`.
 
   Only the last real position of each row goes through the vocabulary
-  projection: the module's full [B, T, V] logits are never used, so XLA drops
-  them (for a 7B judge over long prompts they would not fit in memory).
+  projection: the module's head is skipped, so no [B, T, V] logits are formed
+  (for a 7B judge over long prompts they would not fit in memory).
   """
   import jax
   import jax.numpy as jnp
 
-  from cai_jax.model import Mistral
+  from cai_jax.model import Mistral, lm_head_kernel
   model = Mistral(config)
 
   def fn(params, tokens, mask, last, option_ids):
-    out = model.apply({"params": params}, tokens, attention_mask=mask, return_hidden=True,
-                      full_output=True)
+    out = model.apply({"params": params}, tokens, attention_mask=mask, apply_head=False)
     hidden = out.hidden[jnp.arange(tokens.shape[0]), last]            # [B, D]
-    cd = config.compute_dtype
-    if config.tie_word_embeddings:
-      kernel = params["embed_tokens"]["embedding"].astype(cd).T       # [D, V]
-    else:
-      kernel = params["lm_head"]["kernel"].astype(cd)                 # [D, V]
-    logits = jnp.einsum("bd,dv->bv", hidden.astype(cd), kernel).astype(jnp.float32)
+    logits = jnp.einsum("bd,dv->bv", hidden, lm_head_kernel(config, params)).astype(jnp.float32)
     return logits[:, option_ids], jax.nn.logsumexp(logits, axis=-1)
 
   return jax.jit(fn)

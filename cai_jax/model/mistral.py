@@ -270,10 +270,20 @@ class DecoderLayer(nn.Module):
 
 
 class MistralOutput(NamedTuple):
-  logits: Array               # [B, T, vocab] (lm head) or [B, T] (scalar head), float32
+  logits: Array | None        # [B, T, vocab] (lm head) or [B, T] (scalar head), float32;
+                              # None with apply_head=False
   hidden: Array | None        # final-norm hidden states [B, T, D] if asked for
   cache: KVCache | None       # updated cache (decode) or None
   kv: tuple | None            # per-layer (k, v) [L, B, kv_heads, T, head_dim] from a prefill
+
+
+def lm_head_kernel(config: MistralConfig, params) -> Array:
+  """The vocab projection of an LM-head `Mistral`'s params as an [embed, vocab]
+  matrix in the compute dtype (the transposed embedding when tied): what the
+  module's head multiplies the final hidden states by."""
+  if config.tie_word_embeddings:
+    return params["embed_tokens"]["embedding"].astype(config.compute_dtype).T
+  return params["lm_head"]["kernel"].astype(config.compute_dtype)
 
 
 class Mistral(nn.Module):
@@ -296,6 +306,10 @@ class Mistral(nn.Module):
     head_columns: (start, stop), static: apply the head to those columns only,
       e.g. the positions that predict a response, so the vocab projection is
       not spent on the prompt. Logits are then [B, stop - start, ...].
+    apply_head: False skips the head: returns a `MistralOutput` whose `logits`
+      is None and whose `hidden` holds the final hidden states, for a loss that
+      applies the head itself (`lm_head_kernel`, `train.lm.vocab_cross_entropy`).
+      Only for `apply`: `init` must run the head to create its params.
     full_output: return a `MistralOutput` instead of just the logits.
   """
   config: MistralConfig
@@ -305,7 +319,7 @@ class Mistral(nn.Module):
   def __call__(self, tokens, positions=None, attention_mask=None, segment_ids=None, *,
                cache: KVCache | None = None, return_kv: bool = False,
                return_hidden: bool = False, full_output: bool = False,
-               head_columns: tuple[int, int] | None = None):
+               head_columns: tuple[int, int] | None = None, apply_head: bool = True):
     cfg = self.config
     B, T = tokens.shape
     if self.head not in ("lm", "scalar"):
@@ -352,7 +366,9 @@ class Mistral(nn.Module):
 
     hidden = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="norm")(x)
     head_in = hidden if head_columns is None else hidden[:, head_columns[0]:head_columns[1]]
-    if self.head == "scalar":
+    if not apply_head:
+      out = None
+    elif self.head == "scalar":
       out = nn.Dense(1, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
                      kernel_init=_init(("embed", "score")), name="score")(head_in)
       out = out[..., 0].astype(jnp.float32)
@@ -363,10 +379,10 @@ class Mistral(nn.Module):
                      param_dtype=cfg.weight_dtype, kernel_init=_init(("embed", "vocab")),
                      name="lm_head")(head_in).astype(jnp.float32)
 
-    if not (full_output or return_kv or return_hidden or cache is not None):
+    if apply_head and not (full_output or return_kv or return_hidden or cache is not None):
       return out
     new_cache = None
     if cache is not None:
       new_cache = KVCache(k=carried[0], v=carried[1], col=new_col, index=cache.index + T)
-    return MistralOutput(logits=out, hidden=hidden if return_hidden else None,
+    return MistralOutput(logits=out, hidden=hidden if (return_hidden or not apply_head) else None,
                          cache=new_cache, kv=kv if (return_kv and cache is None) else None)
