@@ -25,7 +25,7 @@ from cai_jax import parallel
 from cai_jax.model import MistralConfig
 from cai_jax.train import common, optim
 from cai_jax.train.checkpointing import Checkpointer, CheckpointRestoreError
-from cai_jax.train.lm import make_lm_loss, vocab_cross_entropy
+from cai_jax.train.lm import make_lm_loss, vocab_logprobs
 from cai_jax.train.loop import TrainingDivergedError, check_workdir_writable, truncate_metrics
 from cai_jax.train.state import (accumulate_gradients, create_state, make_eval_step,
                                  make_train_step)
@@ -105,37 +105,44 @@ def test_gradient_program_options_change_speed_not_gradients(host_params):
   assert _max_abs_diff(tuned, plain) <= 1e-5
 
 
-@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_vocab_cross_entropy_matches_autodiff_of_optax(dtype, tol):
-  """The hand-written gradient of the fused head + cross-entropy against autodiff
-  of optax's cross-entropy on the logits; weighted positions give each row its own
-  upstream gradient (and weight 0 a position that must get none)."""
-  k = jax.random.split(jax.random.PRNGKey(4), 4)
+@pytest.mark.parametrize("dtype, tol, temperature, with_entropy", [
+    (jnp.float32, 1e-5, 1.0, False), (jnp.float32, 1e-5, 0.7, True),
+    (jnp.bfloat16, 2e-2, 1.0, False), (jnp.bfloat16, 2e-2, 1.3, True)])
+def test_vocab_logprobs_matches_autodiff_of_log_softmax(dtype, tol, temperature, with_entropy):
+  """The hand-written gradient of the fused vocab head + log-softmax against autodiff of
+  optax's cross-entropy (and of the entropy) on the logits. Random weights give each
+  position its own upstream gradient (and weight 0 a position that must get none)."""
+  k = jax.random.split(jax.random.PRNGKey(4), 5)
   hidden = jax.random.normal(k[0], (3, 5, 16)).astype(dtype)
   kernel = (jax.random.normal(k[1], (16, 37)) * 0.5).astype(dtype)
   logits = jnp.einsum("btd,dv->btv", hidden, kernel).astype(jnp.float32)
-  # Row 1 predicts its highest logit, the others random tokens: both outcomes of `correct`.
+  # Row 1 predicts its highest logit, the others random tokens: both outcomes of `is_top`.
   targets = jax.random.randint(k[2], (3, 5), 0, 37).at[1].set(jnp.argmax(logits[1], -1))
-  weights = jax.random.uniform(k[3], (3, 5)).at[0, 0].set(0.0)
+  w_logp = jax.random.normal(k[3], (3, 5)).at[0, 0].set(0.0)
+  w_ent = jax.random.normal(k[4], (3, 5)) if with_entropy else jnp.zeros((3, 5))
 
   def reference(h, w):
-    z = jnp.einsum("btd,dv->btv", h, w).astype(jnp.float32)
-    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(z, targets) * weights)
+    z = jnp.einsum("btd,dv->btv", h, w).astype(jnp.float32) / temperature
+    logp = -optax.softmax_cross_entropy_with_integer_labels(z, targets)
+    entropy = -jnp.sum(jax.nn.softmax(z) * jax.nn.log_softmax(z), axis=-1)
+    return jnp.sum(logp * w_logp) + jnp.sum(entropy * w_ent)
 
   def fused(h, w):
-    return jnp.sum(vocab_cross_entropy(h, w, targets)[0] * weights)
+    out = vocab_logprobs(h, w, targets, temperature, with_entropy)
+    assert (out.entropy is None) == (not with_entropy)
+    return jnp.sum(out.logp * w_logp) + (jnp.sum(out.entropy * w_ent) if with_entropy else 0.0)
 
   ref_val, ref_grads = jax.jit(jax.value_and_grad(reference, (0, 1)))(hidden, kernel)
   val, grads = jax.jit(jax.value_and_grad(fused, (0, 1)))(hidden, kernel)
-  np.testing.assert_allclose(float(val), float(ref_val), rtol=1e-6)
+  np.testing.assert_allclose(float(val), float(ref_val), rtol=1e-5)
   for g, r in zip(grads, ref_grads):
     assert g.dtype == r.dtype == dtype
     g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
     assert np.abs(g - r).max() <= tol * np.abs(r).max()
-  _, correct = vocab_cross_entropy(hidden, kernel, targets)
+  is_top = vocab_logprobs(hidden, kernel, targets, temperature).is_top
   expected = np.asarray(jnp.argmax(logits, -1) == targets, np.float32)
   assert 0 < expected.sum() < expected.size
-  np.testing.assert_array_equal(np.asarray(correct), expected)
+  np.testing.assert_array_equal(np.asarray(is_top), expected)
 
 
 # ---- gradient accumulation ------------------------------------------------------------

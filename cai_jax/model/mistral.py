@@ -308,7 +308,7 @@ class Mistral(nn.Module):
       not spent on the prompt. Logits are then [B, stop - start, ...].
     apply_head: False skips the head: returns a `MistralOutput` whose `logits`
       is None and whose `hidden` holds the final hidden states, for a loss that
-      applies the head itself (`lm_head_kernel`, `train.lm.vocab_cross_entropy`).
+      applies the head itself (`lm_head_kernel`, `train.lm.vocab_logprobs`).
       Only for `apply`: `init` must run the head to create its params.
     full_output: return a `MistralOutput` instead of just the logits.
   """

@@ -1,6 +1,10 @@
-"""Causal-LM loss over a loss mask, for SFT (and its tests and benchmarks)."""
+"""Causal-LM loss over a loss mask, for SFT (and its tests and benchmarks), and the
+fused vocab head + log-softmax it and PPO's policy log-probs share."""
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +14,7 @@ from cai_jax.model import Mistral, MistralConfig, lm_head_kernel
 
 def lm_hidden(config: MistralConfig, params, batch: dict):
   """Final hidden states [B, T, D] for a batch of `tokens`, `segment_ids` (0 = pad),
-  `positions`; the vocab head is left to `vocab_cross_entropy`."""
+  `positions`; the vocab head is left to `vocab_logprobs`."""
   seg = batch["segment_ids"]
   return Mistral(config).apply({"params": params}, batch["tokens"], positions=batch["positions"],
                                attention_mask=seg > 0, segment_ids=seg, apply_head=False).hidden
@@ -31,51 +35,76 @@ def next_token_targets(batch: dict):
   return targets, mask
 
 
-def _vocab_xent_fwd(hidden, kernel, targets):
-  logits = jnp.einsum("btd,dv->btv", hidden, kernel).astype(jnp.float32)
-  top = jnp.max(logits, axis=-1)
-  lse = jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1)) + top
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+class TokenLogprobs(NamedTuple):
+  logp: jax.Array            # f32 [...]: log-probability of each target token
+  entropy: jax.Array | None  # f32 [...]: entropy of each next-token distribution, if asked for
+  is_top: jax.Array          # f32 [...]: 1.0 where the target has the highest logit (ties too)
+
+
+def _logprobs_fwd(hidden, kernel, targets, temperature, with_entropy):
+  z = jnp.einsum("...d,dv->...v", hidden, kernel).astype(jnp.float32)
+  if temperature != 1.0:
+    z = z / temperature
+  top = jnp.max(z, axis=-1)
+  e = jnp.exp(z - top[..., None])
+  total = jnp.sum(e, axis=-1)
+  lse = jnp.log(total) + top
+  target_z = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
   # "The target has the highest logit", as a max rather than an argmax: XLA:CPU
   # runs the (value, index) argmax reduction over the vocab several times slower.
-  correct = (target_logit >= top).astype(jnp.float32)
-  return (lse - target_logit, correct), (hidden, kernel, targets, logits, lse)
+  is_top = (target_z >= top).astype(jnp.float32)
+  mean_z = jnp.sum(e * z, axis=-1) / total if with_entropy else None   # E_p[z]
+  out = TokenLogprobs(target_z - lse, None if mean_z is None else lse - mean_z, is_top)
+  return out, (hidden, kernel, targets, z, lse, mean_z)
 
 
-def _vocab_xent_bwd(res, cotangents):
-  hidden, kernel, targets, logits, lse = res
-  g_nll, _ = cotangents  # `correct` is piecewise constant: zero derivative
-  onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
-  dlogits = ((jnp.exp(logits - lse[..., None]) - onehot) * g_nll[..., None]).astype(hidden.dtype)
-  d_hidden = jnp.einsum("btv,dv->btd", dlogits, kernel)
-  # h^T made explicit (a [D, B*T] copy, small next to the logits) so the kernel's
+def _logprobs_bwd(temperature, with_entropy, res, g: TokenLogprobs):
+  hidden, kernel, targets, z, lse, mean_z = res
+  # d logp / dz = onehot - p;  d entropy / dz = -p (z - E_p[z]);  is_top is piecewise
+  # constant (zero derivative).
+  p = jnp.exp(z - lse[..., None])
+  weight = g.logp[..., None]
+  if with_entropy:
+    weight = weight + g.entropy[..., None] * (z - mean_z[..., None])
+  onehot = jnp.arange(z.shape[-1], dtype=targets.dtype) == targets[..., None]
+  dz = jnp.where(onehot, g.logp[..., None], 0.0) - p * weight
+  if temperature != 1.0:
+    dz = dz / temperature
+  dz = dz.astype(hidden.dtype)
+  d_hidden = jnp.einsum("...v,dv->...d", dz, kernel)
+  # h^T made explicit (a [D, N] copy, small next to the logits) so the kernel's
   # gradient is a plain [D, N] @ [N, V] matmul; left to itself, XLA:CPU transposes
   # the [N, V] logits gradient instead.
-  B, T, D = hidden.shape
-  hidden_t = jax.lax.optimization_barrier(hidden.reshape(B * T, D).T)
-  d_kernel = (hidden_t @ dlogits.reshape(B * T, -1)).astype(kernel.dtype)
+  D, V = kernel.shape
+  hidden_t = jax.lax.optimization_barrier(hidden.reshape(-1, D).T)
+  d_kernel = (hidden_t @ dz.reshape(-1, V)).astype(kernel.dtype)
   return d_hidden, d_kernel, None
 
 
-@jax.custom_vjp
-def vocab_cross_entropy(hidden, kernel, targets):
-  """Softmax cross-entropy of `targets` under the logits `hidden @ kernel`, fused.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _logprobs(hidden, kernel, targets, temperature, with_entropy):
+  return _logprobs_fwd(hidden, kernel, targets, temperature, with_entropy)[0]
 
-  Args: hidden [B, T, D] and kernel [D, V] in the compute dtype (`lm_head_kernel`),
-  targets int [B, T]. Returns (nll [B, T], correct [B, T]): the per-position NLL
-  and 1.0 where the target has the highest logit (ties count as correct).
 
-  The same value and gradients as `optax.softmax_cross_entropy_with_integer_labels`
-  on the module's logits, written out because autodiff of that composition costs
-  ~20% of an SFT step on CPU: the target-logit gather differentiates to a scatter
-  into a zeroed [B, T, V] buffer, and XLA recomputes or transposes the [B, T, V]
-  logits gradient for each of its two consumers. Here it is formed once, as
-  softmax - one-hot, and fed to two plain matmuls.
+_logprobs.defvjp(_logprobs_fwd, _logprobs_bwd)
+
+
+def vocab_logprobs(hidden, kernel, targets, temperature: float = 1.0,
+                   with_entropy: bool = False) -> TokenLogprobs:
+  """Log-probs of `targets` under softmax(hidden @ kernel / temperature): the vocab
+  head and the log-softmax fused, with a hand-written gradient.
+
+  Args: hidden [..., D] and kernel [D, V] in the compute dtype (`lm_head_kernel`),
+  targets int [...]; temperature and with_entropy are static.
+
+  The same values and gradients as autodiff of `log_softmax` (or optax's
+  cross-entropy) on the module's logits, written out because autodiff of that
+  composition costs ~20% of an SFT step on CPU: the target gather differentiates
+  to a scatter into a zeroed [..., V] buffer, and XLA recomputes or transposes the
+  [..., V] logits gradient for each of its two consumers. Here that gradient is
+  formed once and fed to two plain matmuls.
   """
-  return _vocab_xent_fwd(hidden, kernel, targets)[0]
-
-
-vocab_cross_entropy.defvjp(_vocab_xent_fwd, _vocab_xent_bwd)
+  return _logprobs(hidden, kernel, targets, float(temperature), bool(with_entropy))
 
 
 def make_lm_loss(config: MistralConfig):
@@ -85,9 +114,9 @@ def make_lm_loss(config: MistralConfig):
     del rng
     hidden = lm_hidden(config, params, batch)
     targets, mask = next_token_targets(batch)
-    nll, correct = vocab_cross_entropy(hidden, lm_head_kernel(config, params), targets)
+    out = vocab_logprobs(hidden, lm_head_kernel(config, params), targets)
     maskf = mask.astype(jnp.float32)
-    return jnp.sum(nll * maskf), jnp.sum(maskf), {"accuracy": jnp.sum(correct * maskf)}
+    return -jnp.sum(out.logp * maskf), jnp.sum(maskf), {"accuracy": jnp.sum(out.is_top * maskf)}
 
   return loss_fn
 

@@ -41,10 +41,11 @@ from tqdm.auto import tqdm
 from cai_jax import parallel, sampling
 from cai_jax.compile_options import gradient_program_options
 from cai_jax.data import batching, jsonl
-from cai_jax.model import Mistral, MistralConfig
+from cai_jax.model import Mistral, MistralConfig, lm_head_kernel
 from cai_jax.tokenizer import Tokenizer, get_template
 from cai_jax.train import common, rl
 from cai_jax.train.checkpointing import Checkpointer
+from cai_jax.train.lm import vocab_logprobs
 from cai_jax.train.loop import check_workdir_writable, truncate_metrics
 from cai_jax.train.metrics import MetricsWriter
 from cai_jax.train.optim import make_optimizer
@@ -88,19 +89,19 @@ class Experience(NamedTuple):
 
 def response_logprobs(config: MistralConfig, params, r: Rollout, P: int, temperature: float,
                       with_entropy: bool = False):
-  """Log-probs [B, N] of the response tokens (and per-token entropies) at `temperature`."""
+  """Log-probs [B, N] of the response tokens (and per-token entropies) at `temperature`.
+
+  Column P+t-1 predicts response token t; the vocab head runs on those columns only,
+  fused with the log-softmax (`vocab_logprobs`)."""
   N = r.mask.shape[1]
-  logits = Mistral(config).apply({"params": params}, r.seq, positions=r.positions,
-                                 attention_mask=r.valid, head_columns=(P - 1, P + N - 1))
-  logits = logits / temperature
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, r.seq[:, P:, None], axis=-1)[..., 0]
-  logp = jnp.where(r.mask, picked - logz, 0.0)
+  hidden = Mistral(config).apply({"params": params}, r.seq, positions=r.positions,
+                                 attention_mask=r.valid, apply_head=False).hidden
+  out = vocab_logprobs(hidden[:, P - 1:P + N - 1], lm_head_kernel(config, params), r.seq[:, P:],
+                       temperature, with_entropy)
+  logp = jnp.where(r.mask, out.logp, 0.0)
   if not with_entropy:
     return logp, None
-  probs = jax.nn.softmax(logits, axis=-1)
-  entropy = logz - jnp.sum(probs * logits, axis=-1)
-  return logp, jnp.where(r.mask, entropy, 0.0)
+  return logp, jnp.where(r.mask, out.entropy, 0.0)
 
 
 def response_values(config: MistralConfig, params, r: Rollout, P: int):
