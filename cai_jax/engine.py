@@ -188,7 +188,11 @@ class TextGenerator:
 
   def encode_prompts(self, prompts: Sequence[str], add_bos: Any = False,
                      what: str = "prompt {i}") -> list[list[int]]:
-    """Token ids of each prompt; errors name the prompt (`what` formats its index)."""
+    """Token ids of each prompt; errors name the prompt (`what` formats its index).
+
+    Prompts are encoded by the chat template (`ChatTemplate.encode`), the path
+    every training stage uses, so a rendered prompt gets the ids the model was
+    trained on; `add_bos` never adds a second bos."""
     if isinstance(prompts, str):
       raise ValueError("prompts must be a list of strings, got one string; wrap it in a list")
     add_bos = _per_prompt("add_bos", add_bos, len(prompts))
@@ -196,7 +200,7 @@ class TextGenerator:
     for i, (p, bos) in enumerate(zip(prompts, add_bos)):
       if not isinstance(p, str):
         raise ValueError(f"{what.format(i=i)} must be a string, got {type(p).__name__}")
-      ids = self.tokenizer.encode(p, add_bos=bool(bos))
+      ids = self.template.encode(self.tokenizer, p, add_bos=bool(bos))
       if not ids:
         raise ValueError(f"{what.format(i=i)} is empty: give it some text or add a BOS token")
       out.append(ids)
@@ -216,13 +220,16 @@ class TextGenerator:
   def stop_sequences(self, end_string: str) -> list[list[int]]:
     """Token sequences that end generation at `end_string`; [] means the text check only.
 
-    A special token is its single id. Other strings contribute the ways they
-    are likely spelled in generated text, each kept only if it decodes to
-    exactly the string and fits in `sampling.MAX_STOP_LENGTH` tokens: the
-    string's own tokenisation (without a SentencePiece dummy-prefix "▁"), and
-    its tokenisation after a newline, i.e. in the middle of text (Mistral's
-    tokenizer spells "<extra_id_1>" differently at the start of a text and
-    after "\n"; NeMo finds its end tokens the same way).
+    A special token is its single id. A template marker (NeMo's
+    `<extra_id_1>` where the vocabulary lacks it) comes first with the ids
+    chat text always gives it, which are the ids the model was trained to
+    write. Other strings contribute the ways they are likely spelled in
+    generated text, each kept only if it decodes to exactly the string and
+    fits in `sampling.MAX_STOP_LENGTH` tokens: the string's own tokenisation
+    (without a SentencePiece dummy-prefix "▁"), and its tokenisation after a
+    newline, i.e. in the middle of text (Mistral's tokenizer spells
+    "<extra_id_1>" differently at the start of a text and after "\n"; NeMo
+    finds its end tokens the same way).
     """
     if end_string in self._stop_cache:
       return self._stop_cache[end_string]
@@ -231,9 +238,11 @@ class TextGenerator:
       seqs = [[special]]
     else:
       candidates = [self.tokenizer.encode(end_string)]
-      if candidates[0] and self.pieces(candidates[0][:1]) == [" "] and not end_string.startswith(
-          " "):
-        candidates[0] = candidates[0][1:]
+      if end_string in self.template.markers:
+        candidates.insert(0, self.template.marker_ids(self.tokenizer, end_string))
+      own = candidates[-1]
+      if own and self.pieces(own[:1]) == [" "] and not end_string.startswith(" "):
+        candidates[-1] = own[1:]
       before = self.tokenizer.encode("\n")
       in_text = self.tokenizer.encode("\n" + end_string)
       if in_text[:len(before)] == before:
@@ -310,13 +319,23 @@ class TextGenerator:
           prompt_ids[i], out.tokens[i], out.model_logprobs[i], out.logprobs[i],
           out.finish_reasons[i], ends[i], at_eos[i], min_new[i],
           out.top_logprobs[i] if out.top_logprobs is not None else None,
-          out.prompt_logprobs[i] if out.prompt_logprobs is not None else None))
+          out.prompt_logprobs[i] if out.prompt_logprobs is not None else None,
+          fresh=self.template.reply_starts_fresh(self.tokenizer, prompts[i])))
     return completions
 
   def _finish(self, prompt_ids, ids, logprobs, sampled, reason, end_strings, stop_at_eos,
-              min_new, top, prompt_lps) -> Completion:
-    """Cuts one row at its first end string (or </s>) and packages it."""
+              min_new, top, prompt_lps, fresh=False) -> Completion:
+    """Cuts one row at its first end string (or </s>) and packages it.
+
+    With `fresh` (the text after the prompt is encoded as a text of its own:
+    Mistral-instruct replies with a dummy-prefix tokenizer) the first token's
+    "▁" is the dummy prefix, not part of the text, as SentencePiece decodes it.
+    """
     pieces = self.pieces(ids)
+    if (fresh and pieces and pieces[0].startswith(" ")
+        and 0 <= ids[0] < self.tokenizer.vocab_size
+        and self.tokenizer.id_to_token(ids[0]).startswith("\u2581")):
+      pieces[0] = pieces[0][1:]
     full = "".join(pieces)
     ends_at = np.cumsum([len(p) for p in pieces]).tolist()   # char offset after each token
 

@@ -8,10 +8,20 @@ vocabulary has it as a single piece, whatever the model's own handling of
 user-defined or control symbols.
 
 Chat templates render a conversation as text segments, each flagged with
-whether the SFT loss applies to it. Encoding segment by segment gives the same
-ids as encoding the whole rendered string (see `Tokenizer.encode`), which is
-what lets SFT loss masks, PPO prompts and reward-model texts share one
-rendering without any token-offset bookkeeping.
+whether the SFT loss applies to it, and own the one way chat text becomes ids
+(`ChatTemplate.encode`): the text is cut into chunks at fixed places (special
+strings, the template's markers, and after the template's `chunk_after`
+strings such as "\n"), and every chunk is encoded on its own. Every segment
+boundary is a chunk boundary, so encoding a conversation segment by segment
+(`render_ids`, which needs the boundaries for the loss mask) gives exactly the
+ids of encoding its whole text, and a prompt prefix gives exactly the first
+ids of the full conversation. That holds for any SentencePiece model: with or
+without a dummy prefix ("▁" before a text, as Mistral's has), with or without
+the chat markers as pieces (Mistral's tokenizer spells `<extra_id_1>` with 7
+tokens). Whether a chunk starts like a new text (dummy prefix) or continues
+the one before is the template's choice: NeMo's continues (as NeMo encodes the
+whole string), Mistral-instruct's starts each message afresh (as
+mistral_common encodes each message).
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import io
+import itertools
 import os
 import re
 import tempfile
@@ -142,6 +153,17 @@ def _atomic_write(path: str, data: bytes) -> None:
     raise
 
 
+def _without_dummy_prefix(processor: spm.SentencePieceProcessor):
+  """(processor that adds no dummy prefix, whether `processor` adds one)."""
+  from sentencepiece import sentencepiece_model_pb2  # needs protobuf (a requirement)
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(processor.serialized_model_proto())
+  if not proto.normalizer_spec.add_dummy_prefix:
+    return processor, False
+  proto.normalizer_spec.add_dummy_prefix = False
+  return spm.SentencePieceProcessor(model_proto=proto.SerializeToString()), True
+
+
 class Tokenizer:
   """A SentencePiece model with chat special tokens handled as single ids.
 
@@ -177,6 +199,9 @@ class Tokenizer:
     self._split_re = (re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
                       if alternatives else None)
     self._has_pad = 0 <= processor.pad_id() < n
+    # The same model without its dummy prefix, for text that continues other
+    # text (SentencePiece has no per-call switch for it).
+    self._sp_continue, self._dummy_prefix = _without_dummy_prefix(processor)
     # Ids decoded as their literal piece text: the special strings and every
     # control symbol (SentencePiece itself would decode these to "").
     self._literal_ids = frozenset(specials.values()) | frozenset(
@@ -209,6 +234,11 @@ class Tokenizer:
   @property
   def vocab_size(self) -> int:
     return len(self._pieces)
+
+  @property
+  def add_dummy_prefix(self) -> bool:
+    """Whether SentencePiece puts "▁" before each text it encodes (Mistral's model does)."""
+    return self._dummy_prefix
 
   @property
   def bos_id(self) -> int:
@@ -252,21 +282,15 @@ class Tokenizer:
     plain text). Text that contains a special string, user text included,
     gets its id: as with HF tokenizers, turn markers in data are not escaped.
 
-    Invariant, for tokenizers from `train_sentencepiece`: `encode(a + b) ==
-    encode(a) + encode(b)` whenever `a` ends with "\\n" or a special string.
-    Special strings are split out explicitly, and "\\n" is a user-defined
-    symbol that no learned piece spans, so segmentation never crosses such a
-    boundary. (Models with a dummy prefix, such as Mistral's, add "▁" to each
-    chunk, so the invariant is not claimed for them.) As in SentencePiece, a
-    literal "▁" (U+2581) in the text decodes as a space.
+    This is SentencePiece's own encoding between special strings: each chunk
+    gets the model's dummy prefix, if it has one. Chat text goes through
+    `ChatTemplate.encode` instead, which every stage and the server use.
+    `add_bos` never doubles a bos the text already starts with. As in
+    SentencePiece, a literal "▁" (U+2581) in the text decodes as a space.
     """
     if not isinstance(text, str):
       raise TypeError(f"encode expects str, got {type(text).__name__}")
     ids: list[int] = []
-    if add_bos:
-      if self.bos_id < 0:
-        raise ValueError(f"add_bos=True but {self.source} has no bos token")
-      ids.append(self.bos_id)
     if self._split_re is not None:
       # re.split with one group puts the separators at odd positions.
       for k, chunk in enumerate(self._split_re.split(text)):
@@ -276,11 +300,34 @@ class Tokenizer:
           ids.extend(self._sp.encode(chunk))
     elif text:
       ids.extend(self._sp.encode(text))
+    if add_bos:
+      ids = self.with_bos(ids)
     if add_eos:
       if self.eos_id < 0:
         raise ValueError(f"add_eos=True but {self.source} has no eos token")
       ids.append(self.eos_id)
     return ids
+
+  def with_bos(self, ids: list[int]) -> list[int]:
+    """`ids` starting with bos: prepended unless already there (never two)."""
+    if self.bos_id < 0:
+      raise ValueError(f"add_bos=True but {self.source} has no bos token")
+    return ids if ids[:1] == [self.bos_id] else [self.bos_id] + ids
+
+  def encode_chunks(self, chunks: Sequence[str], fresh: Sequence[bool]) -> list[list[int]]:
+    """Plain text chunks (no special strings) to ids, one SentencePiece call per kind.
+
+    A `fresh` chunk is encoded as a text of its own (with the model's dummy
+    prefix, if it has one); any other as text continuing what precedes it
+    (no dummy prefix). For models without a dummy prefix the two are the same.
+    """
+    out: list[list[int]] = [[] for _ in chunks]
+    for processor, want in ((self._sp, True), (self._sp_continue, False)):
+      index = [k for k, (c, f) in enumerate(zip(chunks, fresh)) if bool(f) == want and c]
+      if index:
+        for k, ids in zip(index, processor.encode([chunks[k] for k in index])):
+          out[k] = list(ids)
+    return out
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
     """Ids to text; special and control tokens come back as their literal text.
@@ -408,15 +455,23 @@ def _parse_conversation(conversation: Sequence[Mapping[str, Any]],
 
 @dataclasses.dataclass(frozen=True)
 class ChatTemplate:
-  """How a conversation becomes text, and which of it the SFT loss covers.
+  """How a conversation becomes text and ids, and which of it the SFT loss covers.
 
   Formats take `{system}` / `{message}`. The loss covers each assistant reply
   (`reply_format`, which adds the reply's trailing newline where the template
   has one) and the `end_of_turn` string after it, and nothing else — NeMo's
-  answer-only loss, where learning to emit the end-of-turn token is what
-  teaches the model to stop. With `end_of_turn_starts_next_turn` the
-  end-of-turn string is also the start of the next turn's header (NeMo's
-  `<extra_id_1>`), so that header is not repeated.
+  answer-only loss, where learning to emit the end of turn is what teaches the
+  model to stop. With `end_of_turn_starts_next_turn` the end-of-turn string is
+  also the start of the next turn's header (NeMo's `<extra_id_1>`), so that
+  header is not repeated.
+
+  Encoding (`encode`): the text is cut before and after every special string
+  of the tokenizer and every `markers` string (a marker the vocabulary lacks
+  is then always spelled by the same tokens, wherever it stands), and after
+  every `chunk_after` string. With `fresh_chunks` every chunk is encoded as a
+  text of its own (SentencePiece's dummy prefix applies to each, as
+  mistral_common encodes each message); otherwise only the first chunk is,
+  and the rest continue it (as NeMo encodes a whole conversation string).
   """
 
   name: str
@@ -428,20 +483,29 @@ class ChatTemplate:
   reply_format: str
   end_of_turn: str
   end_of_turn_starts_next_turn: bool
+  markers: tuple[str, ...] = ()
+  chunk_after: tuple[str, ...] = ()
+  fresh_chunks: bool = False
 
   def __post_init__(self):
     if self.end_of_turn_starts_next_turn and not self.user_format.startswith(self.end_of_turn):
       raise ValueError(f"template {self.name}: user_format must start with end_of_turn "
                        f"{self.end_of_turn!r} when end_of_turn_starts_next_turn is set")
+    if self.end_of_turn not in self.markers:
+      raise ValueError(f"template {self.name}: end_of_turn {self.end_of_turn!r} must be one of "
+                       f"its markers, so that it is always encoded the same way")
+
+  # --- text ---------------------------------------------------------------------
 
   def render_segments(self, conversation: Sequence[Mapping[str, Any]], system: str = "",
                       add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
     """The conversation as `(text, is_trained_on)` segments, adjacent like-flagged text merged.
 
-    Every segment ends in "\\n" or a special string, so encoding segment by
-    segment equals encoding the whole text (see `Tokenizer.encode`). With
-    `add_generation_prompt` the text ends with the assistant header, ready for
-    the model to write the reply; the conversation must then end with a User turn.
+    Every segment boundary is a chunk boundary of `encode` (checked by
+    `render_ids`), so encoding segment by segment equals encoding the whole
+    text. With `add_generation_prompt` the text ends with the assistant
+    header, ready for the model to write the reply; the conversation must
+    then end with a User turn.
     """
     system, turns = _parse_conversation(conversation, system)
     if add_generation_prompt and turns[-1][0] != "user":
@@ -486,36 +550,143 @@ class ChatTemplate:
     """Text ending in the assistant header: a PPO prompt record's `text`, or a generation prompt."""
     return self.render_text(messages, system, add_generation_prompt=True)
 
+  # --- ids ----------------------------------------------------------------------
+
+  def _split_pattern(self, tokenizer: Tokenizer) -> re.Pattern:
+    key = ("chunks", self)
+    cache = tokenizer.__dict__.setdefault("_template_cache", {})
+    if key not in cache:
+      separators = sorted(set(tokenizer.special_token_ids) | set(self.markers), key=len,
+                          reverse=True)
+      parts = []
+      if separators:
+        parts.append("(?P<sep>" + "|".join(map(re.escape, separators)) + ")")
+      if self.chunk_after:
+        after = sorted(self.chunk_after, key=len, reverse=True)
+        parts.append("(?P<after>" + "|".join(map(re.escape, after)) + ")")
+      cache[key] = re.compile("|".join(parts)) if parts else None
+    return cache[key]
+
+  def chunks(self, tokenizer: Tokenizer, text: str) -> list[tuple[int, int, list[int]]]:
+    """`(start, end, ids)` of each chunk of `text`, in order; the ids concatenate to `encode`."""
+    if not isinstance(text, str):
+      raise TypeError(f"encode expects str, got {type(text).__name__}")
+    spans: list[tuple[int, int]] = []
+    pattern = self._split_pattern(tokenizer)
+    pos = 0
+    for m in (pattern.finditer(text) if pattern is not None else ()):
+      if m.lastgroup == "sep":
+        if m.start() > pos:
+          spans.append((pos, m.start()))
+        spans.append((m.start(), m.end()))
+      else:
+        spans.append((pos, m.end()))
+      pos = m.end()
+    if pos < len(text):
+      spans.append((pos, len(text)))
+    specials = tokenizer.special_token_ids
+    texts, fresh, where = [], [], []
+    out: list[tuple[int, int, list[int]]] = []
+    for start, end in spans:
+      piece = text[start:end]
+      if piece in specials:
+        out.append((start, end, [specials[piece]]))
+        continue
+      where.append(len(out))
+      texts.append(piece)
+      fresh.append(self.fresh_chunks or not texts[:-1])
+      out.append((start, end, []))
+    for k, ids in zip(where, tokenizer.encode_chunks(texts, fresh)):
+      out[k] = (out[k][0], out[k][1], ids)
+    return out
+
+  def encode(self, tokenizer: Tokenizer, text: str, add_bos: bool = False) -> list[int]:
+    """Chat text (a whole conversation, a prompt, a comparison) to ids: the one path.
+
+    `add_bos` prepends bos unless the text already starts with it (the
+    Mistral-instruct template writes `<s>` itself); never two.
+    """
+    ids = [i for _, _, chunk in self.chunks(tokenizer, text) for i in chunk]
+    return tokenizer.with_bos(ids) if add_bos else ids
+
   def render_ids(self, tokenizer: Tokenizer, conversation: Sequence[Mapping[str, Any]],
                  system: str = "", add_bos: bool = False,
                  add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-    """Token ids and a loss mask (1 = this token is a training target), segment by segment.
+    """`encode` of the rendered conversation and its loss mask (1 = a training target).
 
     NeMo's chat SFT adds no bos, hence the default; MISTRAL_INST writes `<s>`
     into the text itself.
     """
+    segments = self.render_segments(conversation, system, add_generation_prompt)
+    text = "".join(t for t, _ in segments)
+    ends = list(itertools.accumulate(len(t) for t, _ in segments))
     ids: list[int] = []
     mask: list[int] = []
-    if add_bos:
-      ids.append(tokenizer.bos_id)
-      mask.append(0)
-    for text, loss in self.render_segments(conversation, system, add_generation_prompt):
-      piece_ids = tokenizer.encode(text)
-      ids.extend(piece_ids)
-      mask.extend([int(loss)] * len(piece_ids))
+    k = 0
+    for start, end, chunk in self.chunks(tokenizer, text):
+      while ends[k] <= start:
+        k += 1
+      if end > ends[k]:
+        raise ValueError(f"template {self.name}: {text[start:end]!r} crosses the boundary "
+                         f"between a trained and an untrained part; the template must end "
+                         f"each part with a marker or a chunk_after string")
+      ids.extend(chunk)
+      mask.extend([int(segments[k][1])] * len(chunk))
+    if add_bos and ids[:1] != [tokenizer.bos_id]:
+      ids, mask = tokenizer.with_bos(ids), [0] + mask
     return ids, mask
 
-  def end_of_turn_id(self, tokenizer: Tokenizer) -> int:
-    """The id that ends an assistant turn: the stop token for generation."""
-    token_id = tokenizer.special_token_ids.get(self.end_of_turn)
-    if token_id is None:
-      raise ValueError(f"template {self.name}: end-of-turn {self.end_of_turn!r} is not a single "
-                       f"piece in tokenizer {tokenizer.source}")
-    return token_id
+  def marker_ids(self, tokenizer: Tokenizer, marker: str) -> list[int]:
+    """The ids a marker (or special string) always has inside chat text."""
+    if marker in tokenizer.special_token_ids:
+      return [tokenizer.special_token_ids[marker]]
+    if marker not in self.markers:
+      raise ValueError(f"template {self.name}: {marker!r} is not one of its markers")
+    return tokenizer.encode_chunks([marker], [self.fresh_chunks])[0]
+
+  def end_of_turn_ids(self, tokenizer: Tokenizer) -> list[int]:
+    """The token sequence that ends an assistant turn: the stop sequence for generation,
+    one id when the vocabulary has the marker as a piece."""
+    return self.marker_ids(tokenizer, self.end_of_turn)
+
+  def reply_starts_fresh(self, tokenizer: Tokenizer, prompt: str) -> bool:
+    """Whether a reply written after `prompt` is encoded as a text of its own, so that
+    the dummy-prefix space of its first token is not part of the reply's text."""
+    if not tokenizer.add_dummy_prefix:
+      return False
+    if not prompt:
+      return True
+    if not self.fresh_chunks:
+      return False
+    ends = set(tokenizer.special_token_ids) | set(self.markers) | set(self.chunk_after)
+    return any(prompt.endswith(e) for e in ends)
+
+  def check(self, tokenizer: Tokenizer, max_marker_tokens: int | None = None) -> list[str]:
+    """Problems of using this template with `tokenizer`, one sentence each ([] = none)."""
+    problems = []
+    specials = tokenizer.special_token_ids
+    for piece, what in (("<s>", "bos"), ("</s>", "eos")):
+      used = any(piece in s for s in (self.begin, self.user_format, self.reply_format,
+                                      self.end_of_turn))
+      if used and piece not in specials:
+        problems.append(f"template {self.name} writes {piece!r} but tokenizer "
+                        f"{tokenizer.source} has no {what} piece {piece!r}")
+    eot = self.end_of_turn_ids(tokenizer) if not problems else []
+    if not problems and tokenizer.decode(eot) != self.end_of_turn:
+      problems.append(f"template {self.name}: tokenizer {tokenizer.source} cannot spell the "
+                      f"end of turn {self.end_of_turn!r} (its ids {eot} decode to "
+                      f"{tokenizer.decode(eot)!r})")
+    if max_marker_tokens is not None and len(eot) > max_marker_tokens:
+      problems.append(f"template {self.name}: end of turn {self.end_of_turn!r} is {len(eot)} "
+                      f"tokens in tokenizer {tokenizer.source}, more than the "
+                      f"{max_marker_tokens} a stop sequence may have; add the markers to the "
+                      f"tokenizer (add_chat_tokens) or use another template")
+    return problems
 
 
 # NeMo-Aligner's SFT chat format:
 # <extra_id_0>System\n{sys}\n<extra_id_1>User\n{msg}\n<extra_id_1>Assistant\n{reply}\n<extra_id_1>
+# Encoded as NeMo encodes the whole string: the text's first chunk only gets a dummy prefix.
 NEMO = ChatTemplate(
     name="nemo",
     begin="",
@@ -526,10 +697,15 @@ NEMO = ChatTemplate(
     reply_format="{message}\n",
     end_of_turn="<extra_id_1>",
     end_of_turn_starts_next_turn=True,
+    markers=("<extra_id_0>", "<extra_id_1>", "<extra_id_2>"),
+    chunk_after=("\n",),
+    fresh_chunks=False,
 )
 
 # Mistral-instruct: <s>[INST] {user} [/INST]{reply}</s>[INST] {user} [/INST]{reply}</s>
-# (one <s> per conversation, as HF's template); the system message opens the first user message.
+# (one <s> per conversation, as HF's template); the system message opens the first user
+# message. Each "[INST] ... [/INST]" block and each reply is encoded on its own, with the
+# dummy prefix, exactly as mistral_common's v1 instruct tokenizer does.
 MISTRAL_INST = ChatTemplate(
     name="mistral_inst",
     begin="<s>",
@@ -540,6 +716,9 @@ MISTRAL_INST = ChatTemplate(
     reply_format="{message}",
     end_of_turn="</s>",
     end_of_turn_starts_next_turn=False,
+    markers=("<s>", "</s>"),
+    chunk_after=("[/INST]",),
+    fresh_chunks=True,
 )
 
 TEMPLATES = {t.name: t for t in (NEMO, MISTRAL_INST)}

@@ -17,6 +17,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.model = models.get_config("tiny")   # used when init_from is empty
   c.init_from = ""                      # the SFT model dir (HF or cai_jax); its LM head is replaced
   c.tokenizer = ""
+  c.template = "nemo"                   # the template the comparison texts are rendered with
   c.train_file = ""                     # comparisons jsonl: alternating chosen / rejected lines
   c.test_file = ""
   c.max_seq_len = 256

@@ -8,8 +8,9 @@
 Each input line is a JSON object with the text under `--field` (default
 `text`, as in the comparison files); each output line is that object with
 `"score"` added, in input order. The output appears atomically, complete or
-not at all. Texts are encoded as in training (bos + text) and read at their
-last token, so they should end with the template's end-of-turn token.
+not at all. Texts are encoded as in training (`--template`'s chat encoding) and
+read at their last token, so they should end with the template's end-of-turn
+marker.
 """
 
 from __future__ import annotations
@@ -27,15 +28,17 @@ _OUTPUT = flags.DEFINE_string("output", None, "Where to write the scored records
 _FIELD = flags.DEFINE_string("field", "text", "The record field holding the text to score.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None,
                                  "SentencePiece model; default: MODEL/tokenizer.model.")
+_TEMPLATE = flags.DEFINE_enum("template", "nemo", ["nemo", "mistral_inst"],
+                              "Chat template the texts were rendered with (the RM's training one).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Texts per forward pass.")
 _MAX_LEN = flags.DEFINE_integer("max_seq_len", 4096,
-                                "Longer texts keep their first max_seq_len - 1 tokens and the "
-                                "last one (where the reward is read), as in training.")
+                                "Longer texts keep their first tokens and their end-of-turn "
+                                "marker (where the reward is read), as in training.")
 
 
 def score_file(model: str, input_path: str, output_path: str, *, field: str = "text",
                tokenizer: str | None = None, batch_size: int = 16,
-               max_seq_len: int = 4096) -> int:
+               max_seq_len: int = 4096, template: str = "nemo") -> int:
   """Scores every record of `input_path` into `output_path`; returns the count."""
   from cai_jax.data import jsonl
   from cai_jax.train.reward import RewardScorer
@@ -43,7 +46,8 @@ def score_file(model: str, input_path: str, output_path: str, *, field: str = "t
   for line, record in jsonl.read_records(input_path):
     texts.append(jsonl.require(record, field, str, input_path, line))
     records.append(record)
-  scorer = RewardScorer(model, tokenizer, max_seq_len=max_seq_len, batch_size=batch_size)
+  scorer = RewardScorer(model, tokenizer, max_seq_len=max_seq_len, batch_size=batch_size,
+                        template=template)
   scores = scorer.score(texts)
   return jsonl.atomic_write_jsonl(output_path,
                                   ({**r, "score": s} for r, s in zip(records, scores)))
@@ -59,7 +63,7 @@ def main(argv):
   try:
     n = score_file(_MODEL.value, _INPUT.value, _OUTPUT.value, field=_FIELD.value,
                    tokenizer=_TOKENIZER.value, batch_size=_BATCH.value,
-                   max_seq_len=_MAX_LEN.value)
+                   max_seq_len=_MAX_LEN.value, template=_TEMPLATE.value)
   except (CheckpointError, DataError, ValueError, OSError) as e:
     print(f"score_rm: error: {e}", file=sys.stderr)
     return 1

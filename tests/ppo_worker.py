@@ -60,9 +60,9 @@ def write_prompt_files(out_dir: str, tokenizer_path: str, max_prompt_len: int = 
   prompts, _ = read_red_team_prompts(RED_TEAM)
   render = lambda p: {"text": template.render_prompt([{"from": "User", "value": p}])}
   records = [render(p) for p in prompts]
-  assert all(len(tokenizer.encode(r["text"], add_bos=True)) <= max_prompt_len for r in records)
+  assert all(len(template.encode(tokenizer, r["text"])) <= max_prompt_len for r in records)
   long = [render(" ".join(prompts[i:i + 6])) for i in range(NUM_LONG)]
-  assert all(len(tokenizer.encode(r["text"], add_bos=True)) > max_prompt_len for r in long)
+  assert all(len(template.encode(tokenizer, r["text"])) > max_prompt_len for r in long)
   os.makedirs(out_dir, exist_ok=True)
   train = os.path.join(out_dir, "train_prompts.jsonl")
   val = os.path.join(out_dir, "val_prompts.jsonl")

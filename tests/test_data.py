@@ -417,10 +417,12 @@ def test_tokenize_loss_mask_covers_only_assistant_tokens(tokenizer, chat_records
   assert stats["truncated"] == stats["dropped_overlong"] == stats["dropped_no_loss"] == 0
   for record, ex in zip(chat_records, examples):
     assert ex["ids"].dtype == np.int32 and ex["loss_mask"].dtype == np.int32
-    assert ex["ids"][0] == tokenizer.bos_id and ex["loss_mask"][0] == 0
+    # NeMo's template writes no <s>, and NeMo's chat SFT adds none: the row is the text.
+    assert ex["loss_mask"][0] == 0 and tokenizer.bos_id not in ex["ids"].tolist()
     assert tokenizer.decode(ex["ids"][ex["loss_mask"] == 1]) == _assistant_text(record)
-    full, _ = NEMO.render_ids(tokenizer, record["conversations"], add_bos=True)
-    assert ex["ids"].tolist() == full
+    full, _ = NEMO.render_ids(tokenizer, record["conversations"])
+    assert ex["ids"].tolist() == full == NEMO.encode(tokenizer, NEMO.render_text(
+        record["conversations"]))
 
 
 def test_tokenize_overlong_truncate_and_drop(tokenizer, chat_records):
@@ -592,21 +594,21 @@ def test_tokenize_and_pad_pairs(tokenizer):
   chosen = prompt + "Mix flour, water, yeast and salt, knead, let it rise, then bake.\n<extra_id_1>"
   rejected = prompt + "No idea.\n<extra_id_1>"
   pairs = [{"chosen": chosen, "rejected": rejected, "p_chosen": 0.9}]
-  examples, stats = tokenize_pairs(pairs, tokenizer, max_seq_len=512)
+  examples, stats = tokenize_pairs(pairs, tokenizer, NEMO, max_seq_len=512)
   assert stats["examples"] == 1
   ex = examples[0]
-  assert ex["chosen_ids"].tolist() == tokenizer.encode(chosen, add_bos=True)
+  assert ex["chosen_ids"].tolist() == NEMO.encode(tokenizer, chosen)
   assert ex["p_chosen"] == 0.9
   n_chosen, n_rejected = len(ex["chosen_ids"]), len(ex["rejected_ids"])
   assert n_chosen > n_rejected
 
   limit = n_chosen - 3
-  _, stats = tokenize_pairs(pairs, tokenizer, max_seq_len=limit)
+  _, stats = tokenize_pairs(pairs, tokenizer, NEMO, max_seq_len=limit)
   assert stats["dropped_overlong"] == 1 and stats["examples"] == 0
-  cut, stats = tokenize_pairs(pairs, tokenizer, max_seq_len=limit, overlong="truncate")
+  cut, stats = tokenize_pairs(pairs, tokenizer, NEMO, max_seq_len=limit, overlong="truncate")
   assert stats["truncated"] == 1
   ids = cut[0]["chosen_ids"].tolist()
-  assert len(ids) == limit and ids[-1] == NEMO.end_of_turn_id(tokenizer)
+  assert len(ids) == limit and [ids[-1]] == NEMO.end_of_turn_ids(tokenizer)
   assert ids[:-1] == ex["chosen_ids"].tolist()[:limit - 1]
   assert cut[0]["rejected_ids"].tolist() == ex["rejected_ids"].tolist()
 

@@ -32,6 +32,7 @@ import train_worker
 from cai_jax import checkpoint
 from cai_jax.data.jsonl import DataError
 from cai_jax.train import common, ppo
+from cai_jax.tokenizer import NEMO
 from cai_jax.train.metrics import read_metrics
 
 # Wall-clock and throughput numbers differ from run to run; everything else must not.
@@ -198,7 +199,7 @@ def test_rollout_logprobs_equal_a_fresh_forward_and_first_ratio_is_one(sp_model_
   cfg = make_cfg(sp_model_path, prompt_files)
   from cai_jax.tokenizer import Tokenizer
   tokenizer = Tokenizer.from_file(sp_model_path)
-  rows, _ = ppo.load_prompt_rows(cfg.train_prompts, tokenizer, cfg.max_prompt_len,
+  rows, _ = ppo.load_prompt_rows(cfg.train_prompts, tokenizer, NEMO, cfg.max_prompt_len,
                                  tokenizer.pad_id)
   trainer = ppo.PPOTrainer(cfg, mesh=common.mesh_from_config(cfg), tokenizer=tokenizer,
                            reward_fn=reward(cfg))
@@ -232,7 +233,7 @@ def test_bfloat16_recomputed_old_logprobs_give_a_first_ratio_of_one(sp_model_pat
   cfg = make_cfg(sp_model_path, prompt_files, dtype="bfloat16", frozen_dtype="bfloat16",
                  **{"ppo.recompute_logprobs": True})
   tokenizer = Tokenizer.from_file(sp_model_path)
-  rows, _ = ppo.load_prompt_rows(cfg.train_prompts, tokenizer, cfg.max_prompt_len,
+  rows, _ = ppo.load_prompt_rows(cfg.train_prompts, tokenizer, NEMO, cfg.max_prompt_len,
                                  tokenizer.pad_id)
   trainer = ppo.PPOTrainer(cfg, mesh=common.mesh_from_config(cfg), tokenizer=tokenizer,
                            reward_fn=reward(cfg))
@@ -291,7 +292,7 @@ def test_actor_reference_critic_and_reward_model_from_directories(sp_model_path,
   assert_trees_equal(jax.device_get(trainer.ref_params), sft)
   assert_trees_equal(jax.device_get(trainer.critic.params), rm)
 
-  rows, _ = ppo.load_prompt_rows(cfg.train_prompts, tokenizer, cfg.max_prompt_len,
+  rows, _ = ppo.load_prompt_rows(cfg.train_prompts, tokenizer, NEMO, cfg.max_prompt_len,
                                  tokenizer.pad_id)
   batch = {k: np.stack([r[k] for r in rows[:cfg.rollout_batch_size]]) for k in ("ids", "length")}
   metrics, exp = trainer.iteration(batch, cfg.ppo.init_kl_coef, iteration=1)

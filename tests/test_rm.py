@@ -24,6 +24,7 @@ import train_worker
 from cai_jax import checkpoint, parallel
 from cai_jax.data import DataError, batching
 from cai_jax.model import Mistral
+from cai_jax.tokenizer import NEMO
 from cai_jax.train import common
 from cai_jax.train.reward import (RewardScorer, last_token_scores, make_rm_loss, pair_loss,
                                   rm_scores, run_rm, segment_last_scores)
@@ -379,7 +380,7 @@ def test_hf_export_is_a_sequence_classifier_with_the_same_scores(rm_run, tokeniz
   ours = RewardScorer(str(workdir / "model")).score(texts)
   model = hf_utils.load_torch(workdir / "hf", cls="MistralForSequenceClassification")
   assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_id
-  ids = [tokenizer.encode(t, add_bos=True) for t in texts]
+  ids = [NEMO.encode(tokenizer, t) for t in texts]
   T = max(map(len, ids))
   tokens = np.full((len(ids), T), tokenizer.pad_id, np.int64)
   mask = np.zeros((len(ids), T), np.int64)

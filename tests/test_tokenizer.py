@@ -168,9 +168,11 @@ def test_missing_special_tokens_are_plain_text(no_pad_tokenizer):
   ids = tok.encode("<extra_id_1>User\n")
   assert len(ids) > 3
   assert tok.decode(ids) == "<extra_id_1>User\n"
-  with pytest.raises(ValueError, match="not a single piece"):
-    NEMO.end_of_turn_id(tok)
-  assert MISTRAL_INST.end_of_turn_id(tok) == tok.eos_id
+  # The marker is then a token sequence, the same wherever it stands in chat text.
+  eot = NEMO.end_of_turn_ids(tok)
+  assert len(eot) > 1 and tok.decode(eot) == "<extra_id_1>"
+  assert NEMO.encode(tok, "hi\n<extra_id_1>")[-len(eot):] == eot
+  assert MISTRAL_INST.end_of_turn_ids(tok) == [tok.eos_id]
 
 
 def test_control_special_tokens_are_still_single_ids(control_tokenizer):
@@ -257,7 +259,8 @@ def test_nemo_two_exchanges_text_and_loss_mask(tokenizer):
       "What is the capital of France?\n<extra_id_1>Assistant\n",
       "User\nAnd of Italy?\n<extra_id_1>Assistant\n"]
   # The last trained token is the end-of-turn token: that is how the model learns to stop.
-  assert ids[-1] == NEMO.end_of_turn_id(tokenizer) == tokenizer.special_token_ids["<extra_id_1>"]
+  assert [ids[-1]] == NEMO.end_of_turn_ids(tokenizer) == [
+      tokenizer.special_token_ids["<extra_id_1>"]]
   assert mask[-1] == 1
 
 
@@ -275,7 +278,7 @@ def test_mistral_two_exchanges_text_and_loss_mask(tokenizer):
   assert context_runs == [
       "<s>[INST] You are a helpful assistant.\n\nWhat is the capital of France? [/INST]",
       "[INST] And of Italy? [/INST]"]
-  assert ids[-1] == MISTRAL_INST.end_of_turn_id(tokenizer) == tokenizer.eos_id
+  assert [ids[-1]] == MISTRAL_INST.end_of_turn_ids(tokenizer) == [tokenizer.eos_id]
 
 
 def test_openai_style_messages_render_the_same():

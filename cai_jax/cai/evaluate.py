@@ -62,7 +62,7 @@ def generate_responses(model_dir: str, tokenizer_path: str, prompt_sets: Mapping
     rendered = [template.render_prompt([{"from": "User", "value": p}]) for p in prompts]
     out = backend.complete(rendered, settings, seeds=[cfg.seed + i for i in range(len(prompts))])
     texts[name] = [t.strip() for t in out]
-    lengths[name] = [len(backend.generator.tokenizer.encode(t)) for t in texts[name]]
+    lengths[name] = [len(template.encode(backend.generator.tokenizer, t)) for t in texts[name]]
   del backend
   gc.collect()
   return texts, lengths
@@ -110,7 +110,7 @@ def run_evaluate(cfg, workdir: str, *, models: Mapping[str, str], tokenizer_path
   rm_scores: dict = {}
   if rm_dir:
     from cai_jax.train.reward import RewardScorer
-    scorer = RewardScorer(rm_dir, tokenizer_path, mesh=mesh)
+    scorer = RewardScorer(rm_dir, tokenizer_path, mesh=mesh, template=cfg.template)
     template = get_template(cfg.template)
     for name in models:
       rm_scores[name] = {}

@@ -441,7 +441,7 @@ class LocalJudge:
     prompt = judge_prompt(q, self.examples, self.fmt, cot=self.cot)
     extra = self.cot_max_tokens + len(self.generator.tokenizer.encode(COT_ANSWER_PREFIX)) + 1 \
         if self.cot else 0
-    return len(self.generator.tokenizer.encode(prompt)) + extra <= self.generator.max_positions
+    return len(self.generator.encode_prompts([prompt])[0]) + extra <= self.generator.max_positions
 
   def verdicts(self, questions: Sequence[Question]) -> list[Verdict]:
     """Soft verdicts; a question too long for the model gets `error="too_long"` instead."""

@@ -44,13 +44,13 @@ def _check_overlong(overlong: str) -> None:
 
 
 def tokenize_conversations(records: Sequence[Mapping[str, Any]], tokenizer, template, *,
-                           max_seq_len: int, overlong: str = "truncate",
-                           add_bos: bool = True) -> tuple[list[dict], dict]:
+                           max_seq_len: int, overlong: str = "truncate") -> tuple[list[dict], dict]:
   """Chat records -> `{"ids": int32[n], "loss_mask": int32[n]}` examples, n <= max_seq_len.
 
   `records` are NeMo chat records (`conversations` plus optional `system`,
-  as `read_chat_records` returns) or bare lists of turns. The mask comes from
-  `template.render_ids`: 1 on assistant replies and their end-of-turn token.
+  as `read_chat_records` returns) or bare lists of turns. Ids and mask come
+  from `template.render_ids` (the ids of the rendered text, bos only where the
+  template writes `<s>`): 1 on assistant replies and their end-of-turn marker.
   Overlong examples are cut to their first `max_seq_len` tokens
   (`overlong="truncate"`, counted) or dropped (`"drop"`, counted). An example
   with no loss token left (its replies all beyond the cut) teaches nothing
@@ -71,7 +71,7 @@ def tokenize_conversations(records: Sequence[Mapping[str, Any]], tokenizer, temp
     else:
       conversation, system = record, ""
     try:
-      ids, mask = template.render_ids(tokenizer, conversation, system, add_bos=add_bos)
+      ids, mask = template.render_ids(tokenizer, conversation, system)
     except ValueError as e:
       raise DataError(f"chat record {index}: {e}") from None
     if len(ids) > max_seq_len:
@@ -353,21 +353,24 @@ def read_comparisons(path: str | os.PathLike) -> tuple[list[dict], dict]:
   return pairs, {"records": len(records), "pairs": len(pairs), "soft_labels": soft}
 
 
-def _truncate_keep_last(ids: list[int], max_seq_len: int) -> list[int]:
-  """Keeps the first `max_seq_len - 1` tokens and the last one (the end-of-turn token)."""
-  return ids[:max_seq_len - 1] + ids[-1:]
+def truncate_keep_end(ids: list[int], max_seq_len: int, end: Sequence[int]) -> list[int]:
+  """`max_seq_len` tokens: the first ones and, if `ids` ends with it, the whole end-of-turn
+  sequence `end` (the reward is read at its last token); else the last token."""
+  keep = len(end) if len(end) < max_seq_len and list(ids[len(ids) - len(end):]) == list(end) else 1
+  return list(ids[:max_seq_len - keep]) + list(ids[len(ids) - keep:])
 
 
-def tokenize_pairs(pairs: Sequence[Mapping[str, Any]], tokenizer, *, max_seq_len: int,
+def tokenize_pairs(pairs: Sequence[Mapping[str, Any]], tokenizer, template, *, max_seq_len: int,
                    overlong: str = "drop") -> tuple[list[dict], dict]:
   """Comparison pairs -> `{"chosen_ids", "rejected_ids": int32[n], "p_chosen": float}`.
 
-  Texts already end with the template's end-of-turn token, and are encoded
-  with a bos (`tokenizer.encode(text, add_bos=True)`). The reward is read at
-  the last token, so truncation (`overlong="truncate"`) keeps that token and
-  cuts what comes before it (the end of the response); a pair whose two
-  sides become identical by the cut has nothing left to compare and is
-  dropped. With `overlong="drop"` a pair with either side too long is dropped.
+  Texts already end with the template's end-of-turn marker and are encoded by
+  `template.encode`, as every stage encodes chat text. The reward is read at
+  the last token, so truncation (`overlong="truncate"`) keeps the end-of-turn
+  marker (all its tokens) and cuts what comes before it (the end of the
+  response); a pair whose two sides become identical by the cut has nothing
+  left to compare and is dropped. With `overlong="drop"` a pair with either
+  side too long is dropped.
   """
   _check_overlong(overlong)
   if max_seq_len < 2:
@@ -380,14 +383,15 @@ def tokenize_pairs(pairs: Sequence[Mapping[str, Any]], tokenizer, *, max_seq_len
     for field in ("chosen", "rejected"):
       if not isinstance(pair.get(field), str):
         raise DataError(f"comparison pair {index}: field '{field}' must be a string")
-    chosen = tokenizer.encode(pair["chosen"], add_bos=True)
-    rejected = tokenizer.encode(pair["rejected"], add_bos=True)
+    chosen = template.encode(tokenizer, pair["chosen"])
+    rejected = template.encode(tokenizer, pair["rejected"])
     if len(chosen) > max_seq_len or len(rejected) > max_seq_len:
       if overlong == "drop":
         stats["dropped_overlong"] += 1
         continue
-      chosen = _truncate_keep_last(chosen, max_seq_len) if len(chosen) > max_seq_len else chosen
-      rejected = (_truncate_keep_last(rejected, max_seq_len) if len(rejected) > max_seq_len
+      end = template.end_of_turn_ids(tokenizer)
+      chosen = truncate_keep_end(chosen, max_seq_len, end) if len(chosen) > max_seq_len else chosen
+      rejected = (truncate_keep_end(rejected, max_seq_len, end) if len(rejected) > max_seq_len
                   else rejected)
       stats["truncated"] += 1
       if chosen == rejected:

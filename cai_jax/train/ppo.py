@@ -42,7 +42,7 @@ from cai_jax import parallel, sampling
 from cai_jax.compile_options import gradient_program_options
 from cai_jax.data import batching, jsonl
 from cai_jax.model import Mistral, MistralConfig, lm_head_kernel
-from cai_jax.tokenizer import Tokenizer, get_template
+from cai_jax.tokenizer import ChatTemplate, Tokenizer, get_template
 from cai_jax.train import common, rl
 from cai_jax.train.checkpointing import Checkpointer
 from cai_jax.train.lm import vocab_logprobs
@@ -290,8 +290,12 @@ def summarize_update(stats: dict) -> dict:
 
 # --- the stage ------------------------------------------------------------------
 
-def load_prompt_rows(path: str, tokenizer: Tokenizer, max_prompt_len: int, pad_id: int):
-  """`{"text": prompt}` jsonl -> left-padded id rows; over-long prompts dropped and counted."""
+def load_prompt_rows(path: str, tokenizer: Tokenizer, template: ChatTemplate, max_prompt_len: int,
+                     pad_id: int):
+  """`{"text": prompt}` jsonl -> left-padded id rows; over-long prompts dropped and counted.
+
+  Prompts are encoded by `template.encode`, so a prompt's ids are the first ids
+  of the SFT and reward-model rows of the same conversation."""
   rows, stats = [], {"prompts_read": 0, "prompts_too_long": 0, "prompts_empty": 0}
   for line_no, rec in jsonl.read_records(path):
     jsonl.require(rec, "text", str, path, line_no)
@@ -299,7 +303,7 @@ def load_prompt_rows(path: str, tokenizer: Tokenizer, max_prompt_len: int, pad_i
     if not rec["text"].strip():
       stats["prompts_empty"] += 1
       continue
-    ids = tokenizer.encode(rec["text"], add_bos=True)
+    ids = template.encode(tokenizer, rec["text"])
     if len(ids) > max_prompt_len:
       stats["prompts_too_long"] += 1
       continue
@@ -335,7 +339,13 @@ class PPOTrainer:
     self.P = cfg.max_prompt_len
     self.N = hp.max_new_tokens
     self.pad_id = tokenizer.pad_id
-    self.eot_id = get_template(cfg.template).end_of_turn_id(tokenizer)
+    # The end of turn may be several tokens (NeMo's `<extra_id_1>` in Mistral's own
+    # tokenizer): the rollout stops on the sequence, and the reward is read at its last token.
+    template = get_template(cfg.template)
+    self.eot_ids = template.end_of_turn_ids(tokenizer)
+    if not 0 < len(self.eot_ids) <= sampling.MAX_STOP_LENGTH:
+      raise ValueError("; ".join(template.check(tokenizer, sampling.MAX_STOP_LENGTH)) or
+                       f"config.template={cfg.template}: end of turn is {self.eot_ids}")
 
     seed = cfg.seed
     if not cfg.actor_init:
@@ -430,7 +440,7 @@ class PPOTrainer:
     B = self.cfg.rollout_batch_size
     return sampling.make_sampling_params(
         B, B, greedy=greedy, temperature=self.hp.temperature, max_new_tokens=self.N,
-        stop_sequences=[[self.eot_id]], seed=0)
+        stop_sequences=[self.eot_ids], seed=0)
 
   def put(self, x):
     """A global batch-sharded array from the same host array on every process."""
@@ -578,16 +588,17 @@ def run_ppo(cfg, workdir: str, *, reward_fn: RewardFn | None = None) -> dict:
   if not cfg.train_prompts:
     raise ValueError("config.train_prompts: a jsonl of {\"text\": prompt} records is required")
   tokenizer = Tokenizer.from_file(cfg.tokenizer)
+  template = get_template(cfg.template)
   mesh = common.mesh_from_config(cfg)
-  train_rows, train_stats = load_prompt_rows(cfg.train_prompts, tokenizer, cfg.max_prompt_len,
-                                             tokenizer.pad_id)
+  train_rows, train_stats = load_prompt_rows(cfg.train_prompts, tokenizer, template,
+                                             cfg.max_prompt_len, tokenizer.pad_id)
   if len(train_rows) < cfg.rollout_batch_size:
     raise ValueError(f"{cfg.train_prompts}: {len(train_rows)} usable prompts, fewer than "
                      f"rollout_batch_size={cfg.rollout_batch_size}")
   val_rows, val_stats = ([], {})
   if cfg.val_prompts:
-    val_rows, val_stats = load_prompt_rows(cfg.val_prompts, tokenizer, cfg.max_prompt_len,
-                                           tokenizer.pad_id)
+    val_rows, val_stats = load_prompt_rows(cfg.val_prompts, tokenizer, template,
+                                           cfg.max_prompt_len, tokenizer.pad_id)
     val_rows = val_rows[:cfg.max_eval_prompts]
   trainer = PPOTrainer(cfg, mesh=mesh, tokenizer=tokenizer, reward_fn=reward_fn)
   # Every process holds the whole prompt set and builds the same global batch

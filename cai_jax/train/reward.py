@@ -19,7 +19,7 @@ import numpy as np
 from cai_jax import checkpoint, parallel
 from cai_jax.data import batching
 from cai_jax.model import Mistral, MistralConfig
-from cai_jax.tokenizer import Tokenizer
+from cai_jax.tokenizer import ChatTemplate, Tokenizer, get_template
 from cai_jax.train import supervised
 
 
@@ -87,10 +87,11 @@ def _with_std(metrics: dict, prefix: str = "") -> dict:
   return out
 
 
-def build_pair_rows(path: str, tokenizer: Tokenizer, max_seq_len: int, overlong: str, prefix: str):
+def build_pair_rows(path: str, tokenizer: Tokenizer, template: ChatTemplate, max_seq_len: int,
+                    overlong: str, prefix: str):
   pairs, read_stats = batching.read_comparisons(path)
-  examples, tok_stats = batching.tokenize_pairs(pairs, tokenizer, max_seq_len=max_seq_len,
-                                                overlong=overlong)
+  examples, tok_stats = batching.tokenize_pairs(pairs, tokenizer, template,
+                                                max_seq_len=max_seq_len, overlong=overlong)
   rows = batching.pad_pairs(examples, max_seq_len)
   stats = {f"{prefix}_{k}": v for k, v in {**read_stats, **tok_stats}.items()
            if isinstance(v, (int, float))}
@@ -106,11 +107,12 @@ def run_rm(cfg, workdir: str, *, mesh=None) -> dict:
   (`final_eval`, `test_accuracy`).
   """
   tokenizer, mesh = supervised.prepare(cfg, workdir, mesh)
-  train_rows, stats = build_pair_rows(cfg.train_file, tokenizer, cfg.max_seq_len, cfg.overlong,
-                                      "train")
+  template = get_template(cfg.template)
+  train_rows, stats = build_pair_rows(cfg.train_file, tokenizer, template, cfg.max_seq_len,
+                                      cfg.overlong, "train")
   test_rows, test_stats = ([], {})
   if cfg.test_file:
-    test_rows, test_stats = build_pair_rows(cfg.test_file, tokenizer, cfg.max_seq_len,
+    test_rows, test_stats = build_pair_rows(cfg.test_file, tokenizer, template, cfg.max_seq_len,
                                             cfg.overlong, "test")
   stats.update(test_stats)
   if not train_rows:
@@ -135,15 +137,16 @@ def run_rm(cfg, workdir: str, *, mesh=None) -> dict:
 class RewardScorer:
   """Scores texts with a trained reward model: `RewardScorer(model_dir).score(texts)`.
 
-  Texts are encoded exactly as training encoded comparison texts (bos + text;
-  an overlong one keeps its first `max_seq_len - 1` tokens and its last, where
-  the reward is read), so a text gets the score training would have given it.
+  Texts are encoded exactly as training encoded comparison texts
+  (`template.encode`; an overlong one keeps its first tokens and its whole
+  end-of-turn marker, at whose last token the reward is read), so a text gets
+  the score training would have given it.
   Batches are right-padded to a power-of-two length (>= 16) to bound the
   number of compiled shapes.
   """
 
   def __init__(self, model_dir: str, tokenizer_path: str | None = None, *, max_seq_len: int = 4096,
-               batch_size: int = 16, mesh=None):
+               batch_size: int = 16, mesh=None, template: str = "nemo"):
     if batch_size < 1 or max_seq_len < 2:
       raise ValueError(f"need batch_size >= 1 and max_seq_len >= 2, got {batch_size}, "
                        f"{max_seq_len}")
@@ -154,14 +157,16 @@ class RewardScorer:
     _, self.params, _ = checkpoint.load_model(
         model_dir, head="scalar", shardings=parallel.param_shardings(self.config, self.mesh, "scalar"))
     self.tokenizer = Tokenizer.from_file(tokenizer_path or os.path.join(model_dir, "tokenizer.model"))
+    self.template = get_template(template)
     self.max_seq_len = max_seq_len
     self.batch_size = batch_size
     self._fn = jax.jit(lambda p, t, l: rm_scores(self.config, p, t, l))
 
   def encode(self, text: str) -> list[int]:
-    ids = self.tokenizer.encode(text, add_bos=True)
+    ids = self.template.encode(self.tokenizer, text)
     if len(ids) > self.max_seq_len:
-      ids = batching._truncate_keep_last(ids, self.max_seq_len)  # pylint: disable=protected-access
+      ids = batching.truncate_keep_end(ids, self.max_seq_len,
+                                       self.template.end_of_turn_ids(self.tokenizer))
     return ids
 
   def score(self, texts: list[str]) -> list[float]:

@@ -22,7 +22,7 @@ def build_rows(cfg, tokenizer: Tokenizer, path: str, stats_prefix: str) -> tuple
   records, read_stats = sources.read_chat_records(path)
   examples, tok_stats = batching.tokenize_conversations(
       records, tokenizer, get_template(cfg.template), max_seq_len=cfg.max_seq_len,
-      overlong=cfg.overlong, add_bos=True)
+      overlong=cfg.overlong)
   if cfg.packing:
     rows = batching.pack_examples(examples, cfg.max_seq_len)
   else:
