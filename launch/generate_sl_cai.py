@@ -40,9 +40,10 @@ def _print_summary(summary: dict) -> None:
 def main(argv):
   del argv
   cfg = _CONFIG.value
+  from launch import runtime
   if cfg.backend.kind == "local":
-    from launch import runtime
     runtime.setup()
+  runtime.preflight('sl_cai', _CONFIG.value)
   from cai_jax.cai.sl_cai import run_sl_cai
   from cai_jax.serve.client import RemoteError
   try:

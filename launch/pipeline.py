@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 
 from absl import app, flags
@@ -105,16 +106,27 @@ class Pipeline:
 
   # --- stages -------------------------------------------------------------------
 
+  def preflight(self) -> None:
+    """Every problem of the config, before any stage runs (see `cai_jax.preflight`)."""
+    from cai_jax import preflight
+    from configs.pipeline import STAGES
+    preflight.require(preflight.pipeline_problems(self.cfg, self.stages, STAGES),
+                      "pipeline config")
+
   def run(self):
     cfg = self.cfg
+    self.preflight()
     if not cfg.tokenizer and cfg.base_model:
       # A real checkpoint brings its own tokenizer (HF keeps it as tokenizer.model).
       _set(cfg, "tokenizer", os.path.join(cfg.instruct_model or cfg.base_model, "tokenizer.model"))
     tok = cfg.tokenizer or os.path.join(self.dir("tokenizer"), "tokenizer.model")
     if not cfg.tokenizer:
       self.run_stage("tokenizer", _tokenizer_cfg(cfg), _train_tokenizer)
-    elif not os.path.exists(tok):
-      raise FileNotFoundError(f"config.tokenizer={tok}: no such file")
+    elif self.tiny:
+      # A user's tokenizer (e.g. Mistral's own) for the tiny preset: the tiny model's
+      # vocabulary follows it.
+      from cai_jax.tokenizer import Tokenizer
+      _set(cfg.base, "model.vocab_size", Tokenizer.from_file(tok).vocab_size, only_if_empty=False)
 
     base = cfg.base_model or self.model("base")
     instruct = cfg.instruct_model or base
@@ -250,7 +262,12 @@ def main(argv):
   cfg = _CONFIG.value
   stages = _STAGES.value or [s for s in cfg.stages.split(",") if s]
   pipeline = Pipeline(cfg, _WORKDIR.value, stages, _FORCE.value)
-  results = pipeline.run()
+  from cai_jax.preflight import PreflightError
+  try:
+    results = pipeline.run()
+  except PreflightError as e:
+    print(f"pipeline: {e}", file=sys.stderr)
+    return 1
   print(headline(results, pipeline.workdir))
 
 

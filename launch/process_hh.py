@@ -14,6 +14,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from launch import runtime
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/process_hh.py:tiny",
                                           "process_hh config.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
@@ -21,6 +23,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=Tr
 
 def main(argv):
   del argv
+  runtime.preflight('hh', _CONFIG.value)
   from cai_jax.cai import hh
   from cai_jax.data import DataError
   try:

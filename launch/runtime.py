@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import logging
 
@@ -22,6 +23,15 @@ def setup() -> None:
     jax.distributed.initialize()
   logging.info("JAX %s: process %d/%d, %d devices (%s)", jax.__version__, jax.process_index(),
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
+
+
+def preflight(stage: str, cfg) -> None:
+  """Exits with every problem of the stage's config listed, before any work (see
+  `cai_jax.preflight`)."""
+  from cai_jax import preflight as checks
+  problems = checks.stage_problems(stage, cfg)
+  if problems:
+    sys.exit(f"{stage}: {checks.PreflightError('config', problems)}")
 
 
 def headline(report: dict) -> str:

@@ -17,6 +17,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=Tr
 def main(argv):
   del argv
   runtime.setup()
+  runtime.preflight('ppo', _CONFIG.value)
   from cai_jax.train.ppo import run_ppo
   report = run_ppo(_CONFIG.value, _WORKDIR.value)
   logging.info("PPO done: %s", runtime.headline(report))

@@ -16,6 +16,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=Tr
 def main(argv):
   del argv
   runtime.setup()
+  runtime.preflight('rm', _CONFIG.value)
   from cai_jax.train.reward import run_rm
   report = run_rm(_CONFIG.value, _WORKDIR.value)
   logging.info("RM done: %s", runtime.headline(report))

@@ -17,6 +17,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=Tr
 def main(argv):
   del argv
   runtime.setup()
+  runtime.preflight('sft', _CONFIG.value)
   from cai_jax.train.sft import run_sft
   report = run_sft(_CONFIG.value, _WORKDIR.value)
   logging.info("SFT done: %s", runtime.headline(report))

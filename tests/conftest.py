@@ -36,6 +36,24 @@ def sp_model_path(tmp_path_factory) -> str:
 def tokenizer(sp_model_path) -> Tokenizer:
   return Tokenizer.from_file(sp_model_path)
 
+
+@pytest.fixture(scope="session")
+def mistral_v1_path() -> str:
+  """Mistral-7B's own v1 tokenizer.model (32000 pieces, dummy prefix, no chat pieces), as the
+  `mistral-common` package (a test requirement) ships it; never downloaded."""
+  import importlib.util
+  spec = importlib.util.find_spec("mistral_common")
+  if spec is None:
+    pytest.fail("mistral-common is not installed: pip install -r requirements-test.txt")
+  path = pathlib.Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1"
+  assert path.is_file(), f"{path}: mistral-common no longer ships the v1 tokenizer here"
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer(mistral_v1_path) -> Tokenizer:
+  return Tokenizer.from_file(mistral_v1_path)
+
 # ---- end of tokenizer fixtures ------------------------------------------------
 
 # ---- server fixtures (cai_jax/engine.py, cai_jax/serve) -----------------------

@@ -169,14 +169,18 @@ class OpenAIBackend:
       return list(pool.map(lambda ps: self._one(ps[0], settings, ps[1]), zip(prompts, seeds)))
 
 
-def make_backend(cfg, *, mesh=None) -> Backend:
-  """From a `backend` ConfigDict: kind (local | nemo | openai), model_dir, tokenizer, url, ..."""
+def make_backend(cfg, *, mesh=None, template: str | None = None) -> Backend:
+  """From a `backend` ConfigDict: kind (local | nemo | openai), model_dir, tokenizer, url, ...
+
+  `template` is the one the stage renders its prompts with; a local engine then
+  encodes with it (over `cfg.template`), so the ids are the ones that template
+  gives the same text everywhere else."""
   kind = cfg.kind
   if kind == "local":
     if not cfg.model_dir:
       raise ValueError("backend.model_dir: a model directory is required for kind='local'")
     return LocalBackend.from_model_dir(cfg.model_dir, cfg.get("tokenizer", ""),
-                                       template=cfg.get("template", "nemo"),
+                                       template=template or cfg.get("template", "nemo"),
                                        batch_size=cfg.get("batch_size", 32), mesh=mesh)
   if kind == "nemo":
     return NemoBackend(cfg.url, timeout=cfg.get("timeout", 600.0), retries=cfg.get("retries", 3),

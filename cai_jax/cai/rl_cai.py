@@ -486,7 +486,7 @@ def run_rl_cai(cfg, workdir: str, *, progress: bool = False, backend=None, judge
     resumed, discarded = len(writer), writer.discarded_stale
     todo = [it for it in items if it.key not in writer]
     if todo:
-      backend = backend or make_backend(cfg.policy)
+      backend = backend or make_backend(cfg.policy, template=cfg.template)
       judge = judge or _make_judge(cfg, backend, examples)
       from tqdm import tqdm
       with tqdm(total=len(items), initial=len(items) - len(todo), desc="rl_cai prompts",

@@ -394,7 +394,7 @@ def run_sl_cai(cfg, workdir: str | os.PathLike, *, backend: Backend | None = Non
       if cfg.backend.kind == "local" and mesh is None:
         from cai_jax import parallel  # pylint: disable=import-outside-toplevel  (jax: local only)
         mesh = parallel.create_mesh(cfg.mesh.to_dict())
-      backend = make_backend(cfg.backend, mesh=mesh)
+      backend = make_backend(cfg.backend, mesh=mesh, template=cfg.template)
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     with tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="prompt",
               desc="SL-CAI", disable=not cfg.progress, dynamic_ncols=True) as bar:
