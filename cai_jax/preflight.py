@@ -302,10 +302,11 @@ def pipeline_problems(cfg, stages: list[str], all_stages: tuple[str, ...]) -> li
   c.same_templates(templates)
   if tiny:
     c.same_templates({"base.template": cfg.base.template, "sl_cai.template": cfg.sl_cai.template})
+  # With add_chat_tokens the markers become single pieces: no stop-length limit applies.
+  stopping = () if cfg.get("add_chat_tokens", False) else (
+      "ppo.template", "rl_cai.template", "evaluate.template", "sl_cai.template")
   for field, name in {**templates, "sl_cai.template": cfg.sl_cai.template}.items():
-    c.pairing(name, field, tok, "tokenizer", stops=field in ("ppo.template", "rl_cai.template",
-                                                             "evaluate.template",
-                                                             "sl_cai.template"))
+    c.pairing(name, field, tok, "tokenizer", stops=field in stopping)
 
   # User-given inputs of each stage (the wired ones are checked when the stage starts).
   c.input_file(cfg.sl_cai.red_team_prompts, "sl_cai.red_team_prompts", hub_ok=True)

@@ -153,6 +153,32 @@ def _atomic_write(path: str, data: bytes) -> None:
     raise
 
 
+def add_pieces(model_path: str, pieces: Sequence[str], out_path: str) -> list[str]:
+  """Writes a copy of a SentencePiece model with `pieces` appended as user-defined symbols.
+
+  Each new piece gets the next free id (existing ids do not move, so a model's
+  embedding only grows at the end) and is always one token in text, as NeMo and
+  HF users add chat markers. Pieces the model already has are left alone.
+  Written through a temporary file and a rename. Returns the pieces added.
+  """
+  from sentencepiece import sentencepiece_model_pb2  # needs protobuf (a requirement)
+  proto = sentencepiece_model_pb2.ModelProto()
+  with open(model_path, "rb") as f:
+    proto.ParseFromString(f.read())
+  have = {p.piece for p in proto.pieces}
+  added = []
+  for piece in pieces:
+    if piece not in have:
+      proto.pieces.add(piece=piece, score=0.0,
+                       type=sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+      have.add(piece)
+      added.append(piece)
+  data = proto.SerializeToString()
+  spm.SentencePieceProcessor(model_proto=data)   # refuse to publish a model that does not load
+  _atomic_write(out_path, data)
+  return added
+
+
 def _without_dummy_prefix(processor: spm.SentencePieceProcessor):
   """(processor that adds no dummy prefix, whether `processor` adds one)."""
   from sentencepiece import sentencepiece_model_pb2  # needs protobuf (a requirement)
@@ -470,8 +496,9 @@ class ChatTemplate:
   is then always spelled by the same tokens, wherever it stands), and after
   every `chunk_after` string. With `fresh_chunks` every chunk is encoded as a
   text of its own (SentencePiece's dummy prefix applies to each, as
-  mistral_common encodes each message); otherwise only the first chunk is,
-  and the rest continue it (as NeMo encodes a whole conversation string).
+  mistral_common encodes each message); otherwise only a chunk at the start of
+  the text is, and the rest continue it (as NeMo encodes a whole conversation
+  string).
   """
 
   name: str
@@ -594,7 +621,9 @@ class ChatTemplate:
         continue
       where.append(len(out))
       texts.append(piece)
-      fresh.append(self.fresh_chunks or not texts[:-1])
+      # Only the text's own start is fresh in continuing templates, even after a special
+      # piece: adding the markers as pieces then changes the markers' ids and nothing else.
+      fresh.append(self.fresh_chunks or start == 0)
       out.append((start, end, []))
     for k, ids in zip(where, tokenizer.encode_chunks(texts, fresh)):
       out[k] = (out[k][0], out[k][1], ids)

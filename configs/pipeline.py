@@ -11,6 +11,11 @@ Presets:
   pretrained tiny Mistral, so stage `base` first trains a helpful-only
   assistant (SFT on the shipped helpfulness conversations) from random
   weights: the "helpful-only model" CAI starts from.
+- `add_chat_tokens=True` (either preset): stage `chat_tokens` adds the SFT
+  template's markers (`<extra_id_0..2>`) to the tokenizer as single pieces and
+  grows the base model's embedding and LM head by rows set to the mean
+  embedding; every later stage uses that tokenizer and model. Off by default:
+  a tokenizer without the markers works as shipped (they are token sequences).
 - `mistral_7b`: NeMo-Aligner's CAI tutorial. `--config.base_model` (HF
   Mistral-7B-v0.1, the SFT starting point) and `--config.instruct_model` (HF
   Mistral-7B-Instruct-v0.1, SL-CAI's helpful model and its tokenizer) are
@@ -23,7 +28,8 @@ import ml_collections
 from cai_jax.cai.backends import backend_config
 from configs import models, ppo, process_hh, rl_cai, rm, sft, sl_cai
 
-STAGES = ("tokenizer", "base", "sl_cai", "sft", "hh", "rl_cai", "rm", "ppo", "evaluate")
+STAGES = ("tokenizer", "chat_tokens", "base", "sl_cai", "sft", "hh", "rl_cai", "rm", "ppo",
+          "evaluate")
 
 
 def evaluate_config(preset: str) -> ml_collections.ConfigDict:
@@ -53,7 +59,11 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.preset = preset
   c.stages = ",".join(STAGES)           # a subset, e.g. "rm,ppo,evaluate"
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-  c.tokenizer = ""                      # "" (tiny): trained on tokenizer_corpus in the workdir
+  c.tokenizer = ""                      # "" (tiny): trained on tokenizer_corpus in the workdir;
+                                        # a path: that SentencePiece model (the tiny model's
+                                        # vocab follows it)
+  c.add_chat_tokens = False             # add the template's markers to the tokenizer as pieces
+                                        # and grow the base model's embedding and LM head
   c.tokenizer_corpus = "data/tokenizer_corpus.txt"
   c.tokenizer_vocab_size = 512
   c.base_model = ""                     # mistral_7b: HF Mistral-7B dir (SFT starts here)

@@ -25,6 +25,7 @@ def main(argv):
   del argv
   runtime.setup()
   import os
+  runtime.preflight("evaluate", _CONFIG.value)
   from cai_jax.cai.evaluate import run_evaluate
   models = dict(kv.split("=", 1) for kv in _MODELS.value)
   tok = _TOKENIZER.value or os.path.join(next(iter(models.values())), "tokenizer.model")

@@ -21,6 +21,7 @@ import shutil
 import sys
 import time
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -122,14 +123,25 @@ class Pipeline:
     tok = cfg.tokenizer or os.path.join(self.dir("tokenizer"), "tokenizer.model")
     if not cfg.tokenizer:
       self.run_stage("tokenizer", _tokenizer_cfg(cfg), _train_tokenizer)
-    elif self.tiny:
-      # A user's tokenizer (e.g. Mistral's own) for the tiny preset: the tiny model's
-      # vocabulary follows it.
-      from cai_jax.tokenizer import Tokenizer
-      _set(cfg.base, "model.vocab_size", Tokenizer.from_file(tok).vocab_size, only_if_empty=False)
-
     base = cfg.base_model or self.model("base")
     instruct = cfg.instruct_model or base
+    instruct_tok = tok                  # the instruct model keeps the tokenizer it came with
+    if cfg.add_chat_tokens:
+      from cai_jax.tokenizer import get_template
+      chat_cfg = ml_collections.ConfigDict({
+          "tokenizer": tok, "base_model": cfg.base_model,
+          "pieces": list(get_template(cfg.sft.template).markers)})
+      from cai_jax.train.common import add_chat_tokens
+      self.run_stage("chat_tokens", chat_cfg, add_chat_tokens)
+      tok = os.path.join(self.dir("chat_tokens"), "tokenizer.model")
+      if cfg.base_model:
+        base = self.model("chat_tokens")
+    if self.tiny:
+      # The tiny model's vocabulary follows the tokenizer (a user's, e.g. Mistral's own,
+      # possibly with the chat markers added).
+      instruct_tok = tok
+      from cai_jax.tokenizer import Tokenizer
+      _set(cfg.base, "model.vocab_size", Tokenizer.from_file(tok).vocab_size, only_if_empty=False)
     if self.tiny:
       for field, value in (("tokenizer", tok),):
         _set(cfg.base, field, value)
@@ -139,7 +151,7 @@ class Pipeline:
 
     from cai_jax.cai.sl_cai import run_sl_cai
     _set(cfg.sl_cai, "backend.model_dir", instruct)
-    _set(cfg.sl_cai, "backend.tokenizer", tok)
+    _set(cfg.sl_cai, "backend.tokenizer", instruct_tok)
     self.run_stage("sl_cai", cfg.sl_cai, run_sl_cai)
 
     from cai_jax.train.sft import run_sft
@@ -210,7 +222,6 @@ class Pipeline:
 
 
 def _tokenizer_cfg(cfg):
-  import ml_collections
   return ml_collections.ConfigDict({"corpus": cfg.tokenizer_corpus,
                                     "vocab_size": cfg.tokenizer_vocab_size})
 

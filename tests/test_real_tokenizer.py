@@ -296,3 +296,59 @@ def test_ppo_stops_on_the_multi_token_marker_and_reads_its_last_token(
   metrics, _ = trainer.iteration(batch, kl_coef=0.01, iteration=1)
   assert metrics["stopped_fraction"] == pytest.approx(0.5)
   assert np.isfinite(metrics["policy_loss"]) and np.isfinite(metrics["value_loss"])
+
+
+# --- the markers as new pieces (add_chat_tokens) ------------------------------------
+
+def test_added_chat_tokens_change_only_the_markers(mistral_v1_path, mistral_tokenizer, tmp_path,
+                                                    rl_cai_model_dir):
+  import ml_collections
+
+  from cai_jax import checkpoint
+  from cai_jax.model import Mistral
+  from cai_jax.tokenizer import Tokenizer
+  from cai_jax.train.common import add_chat_tokens
+  tok = mistral_tokenizer
+  # The stage, on a (tiny, vocab-512) base model standing in for Mistral-7B.
+  out = add_chat_tokens(ml_collections.ConfigDict(
+      {"tokenizer": mistral_v1_path, "pieces": list(NEMO.markers),
+       "base_model": rl_cai_model_dir}), str(tmp_path / "chat_tokens"))
+  ext = Tokenizer.from_file(out["outputs"]["tokenizer"])
+  assert out["added"] == {"<extra_id_0>": 32000, "<extra_id_1>": 32001, "<extra_id_2>": 32002}
+  assert ext.vocab_size == 32003 and NEMO.end_of_turn_ids(ext) == [32001]
+  recorded = json.load(open(os.path.join(out["outputs"]["model"], "added_tokens.json")))
+  assert recorded["added_pieces"] == out["added"] and recorded["model_vocab_after"] == 32003
+  # Every conversation encodes as before, each 7-token marker now one id (the one at the
+  # start of a text has its dummy-prefix spelling, "▁<").
+  sequences = [(m, NEMO.marker_ids(tok, m)) for m in NEMO.markers] + [
+      (m, tok.encode_chunks([m], [True])[0]) for m in NEMO.markers]
+  for turns, system in conversations(8):
+    old, old_mask = NEMO.render_ids(tok, turns, system)
+    new, new_mask = NEMO.render_ids(ext, turns, system)
+    expected, expected_mask, k = [], [], 0
+    while k < len(old):
+      for marker, seq in sequences:
+        if old[k:k + len(seq)] == seq:
+          expected.append(ext.token_to_id(marker))
+          expected_mask.append(old_mask[k])
+          k += len(seq)
+          break
+      else:
+        expected.append(old[k])
+        expected_mask.append(old_mask[k])
+        k += 1
+    assert new == expected and new_mask == expected_mask
+  # The grown model (the stand-in's 512 rows grow to the tokenizer's 32003): old ids keep
+  # their logits; new rows and LM-head columns start at the mean.
+  cfg, params, _ = checkpoint.load_model(rl_cai_model_dir)
+  grown_cfg, grown, _ = checkpoint.load_model(out["outputs"]["model"])
+  assert grown_cfg.vocab_size == 32003 and cfg.vocab_size == 512
+  emb = np.asarray(grown["embed_tokens"]["embedding"])
+  np.testing.assert_allclose(emb[512:], np.broadcast_to(emb[:512].mean(0), emb[512:].shape),
+                             rtol=1e-6, atol=1e-7)
+  head = np.asarray(grown["lm_head"]["kernel"])
+  np.testing.assert_allclose(head[:, 32001], head[:, :512].mean(1), rtol=1e-6, atol=1e-7)
+  tokens = jnp.asarray([[5, 17, 200, 3, 99]])
+  before = Mistral(cfg).apply({"params": params}, tokens)
+  after = Mistral(grown_cfg).apply({"params": grown}, tokens)
+  np.testing.assert_allclose(after[..., :512], before, rtol=1e-5, atol=1e-5)

@@ -286,6 +286,32 @@ def lm_head_kernel(config: MistralConfig, params) -> Array:
   return params["lm_head"]["kernel"].astype(config.compute_dtype)
 
 
+def grow_vocab(config: MistralConfig, params, vocab_size: int):
+  """(config, params) with room for `vocab_size` tokens: new embedding rows (and LM-head
+  columns, when untied) are the mean of the existing ones, the usual start for tokens
+  added to a trained model (e.g. chat markers); existing ids keep their weights, so
+  text without the new tokens gets exactly the logits it had. Host (NumPy) arrays."""
+  import numpy as np
+  old = config.vocab_size
+  if vocab_size < old:
+    raise ValueError(f"grow_vocab: {vocab_size} is smaller than the model's vocab {old}")
+  if vocab_size == old:
+    return config, params
+
+  def grow(x, axis):
+    x = np.asarray(x)
+    mean = np.mean(x.astype(np.float64), axis=axis, keepdims=True).astype(x.dtype)
+    reps = [1] * x.ndim
+    reps[axis] = vocab_size - old
+    return np.concatenate([x, np.tile(mean, reps)], axis=axis)
+
+  params = dict(params)
+  params["embed_tokens"] = {"embedding": grow(params["embed_tokens"]["embedding"], 0)}
+  if "lm_head" in params:
+    params["lm_head"] = {**params["lm_head"], "kernel": grow(params["lm_head"]["kernel"], 1)}
+  return config.replace(vocab_size=vocab_size), params
+
+
 class Mistral(nn.Module):
   """Mistral decoder with a vocab head (`head="lm"`) or a scalar head (`head="scalar"`).
 
