@@ -98,13 +98,16 @@ def test_stage_checks_name_the_field(mistral_v1_path, rl_cai_model_dir, sp_model
              for p in problems)
 
 
-def test_pipeline_cli_fails_in_seconds_before_any_stage(tmp_path, mistral_v1_path):
+def _cli(module, *args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_pipeline_cli_fails_in_seconds_before_any_stage(tmp_path, mistral_v1_path):
   start = time.time()
-  out = subprocess.run([sys.executable, "-m", "launch.pipeline", f"--workdir={tmp_path}",
-                        f"--config.tokenizer={mistral_v1_path}", "--config.ppo.template=mistral_inst",
-                        "--config.sl_cai.red_team_prompts=missing.jsonl"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  out = _cli("launch.pipeline", f"--workdir={tmp_path}", f"--config.tokenizer={mistral_v1_path}",
+             "--config.ppo.template=mistral_inst", "--config.sl_cai.red_team_prompts=missing.jsonl")
   assert out.returncode == 1
   assert "2 problem(s) found before running anything" in out.stderr, out.stderr[-2000:]
   assert "ppo.template='mistral_inst'" in out.stderr
@@ -115,11 +118,8 @@ def test_pipeline_cli_fails_in_seconds_before_any_stage(tmp_path, mistral_v1_pat
 
 
 def test_stage_cli_fails_before_work(tmp_path, sp_model_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  out = subprocess.run([sys.executable, "-m", "launch.train_rm", f"--workdir={tmp_path / 'rm'}",
-                        f"--config.tokenizer={sp_model_path}", "--config.train_file=nope.jsonl",
-                        "--config.template=nemo2"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  out = _cli("launch.train_rm", f"--workdir={tmp_path / 'rm'}", f"--config.tokenizer={sp_model_path}",
+             "--config.train_file=nope.jsonl", "--config.template=nemo2")
   assert out.returncode == 1
   assert "config.train_file='nope.jsonl': no such file" in out.stderr, out.stderr[-2000:]
   assert "config.template: unknown chat template 'nemo2'" in out.stderr
