@@ -139,6 +139,144 @@ class Checker:
                f"than they were trained on; use one template for all of them")
 
 
+# --- values ---------------------------------------------------------------------
+# Each rule: (dotted field, kind, argument). Kinds: "real" (a finite number within
+# [lo, hi], `None` = unbounded), "int" (an integer within [lo, hi]), "enum" (one of),
+# "bool". A field a config does not have is skipped, so one table serves presets
+# that differ.
+
+def _real(lo=None, hi=None, *, open_lo=False):
+  return ("real", (lo, hi, open_lo))
+
+
+def _int(lo=None, hi=None):
+  return ("int", (lo, hi))
+
+
+def _enum(*values):
+  return ("enum", values)
+
+
+def _prefixed(prefix: str, rules: dict) -> dict:
+  return {f"{prefix}.{k}": v for k, v in rules.items()}
+
+
+_OPTIM = {"lr": _real(0.0, None, open_lo=True), "min_lr": _real(0.0), "warmup_steps": _int(0),
+          "schedule": _enum("cosine", "constant"), "weight_decay": _real(0.0),
+          "b1": _real(0.0, 1.0), "b2": _real(0.0, 1.0), "eps": _real(0.0, None, open_lo=True),
+          "grad_clip": _real(0.0)}
+_GENERATION = {"max_new_tokens": _int(1), "greedy": ("bool", None),
+               "temperature": _real(0.0), "top_k": _int(-1), "top_p": _real(0.0, 1.0,
+                                                                              open_lo=True),
+               "repetition_penalty": _real(0.0, None, open_lo=True), "min_new_tokens": _int(0)}
+_GUARD = {"loss_spike": _real(0.0), "spike_window": _int(1), "min_history": _int(1),
+          "max_param_norm_growth": _real(0.0), "max_kl_per_sequence": _real(0.0),
+          "min_entropy": _real(0.0), "max_entropy_fraction": _real(0.0, 1.0)}
+_TRAINING = {"max_seq_len": _int(2), "global_batch_size": _int(1), "micro_batch_size": _int(0),
+             "num_epochs": _int(0), "max_steps": _int(0), "log_every": _int(1),
+             "eval_every": _int(0), "save_every": _int(0), "keep_checkpoints": _int(1),
+             "seed": _int(0), "overlong": _enum("truncate", "drop"),
+             **_prefixed("guard", _GUARD)}
+
+
+VALUE_RULES: dict[str, dict] = {
+    "sft": {**_TRAINING, **_prefixed("optim", _OPTIM), "val_fraction": _real(0.0, 0.5),
+            "packing": ("bool", None)},
+    "rm": {**_TRAINING, **_prefixed("optim", _OPTIM), "margin": _real(0.0),
+           "center_coef": _real(0.0)},
+    "ppo": {"max_prompt_len": _int(1), "rollout_batch_size": _int(1), "iterations": _int(1),
+            "max_eval_prompts": _int(0), "eval_every": _int(0), "save_every": _int(0),
+            "sample_every": _int(0), "keep_checkpoints": _int(1), "seed": _int(0),
+            **_prefixed("actor_optim", _OPTIM), **_prefixed("critic_optim", _OPTIM),
+            **_prefixed("guard", _GUARD),
+            **_prefixed("ppo", {
+                "max_new_tokens": _int(1), "temperature": _real(0.0, None, open_lo=True),
+                "top_k": _int(0, 0), "top_p": _real(1.0, 1.0), "ppo_epochs": _int(1),
+                "num_minibatches": _int(1), "clip_eps": _real(0.0, None, open_lo=True),
+                "value_clip": _real(0.0), "vf_coef": _real(0.0), "entropy_coef": _real(0.0),
+                "gamma": _real(0.0, 1.0), "lam": _real(0.0, 1.0),
+                "kl_estimator": _enum("k1", "abs", "k3"), "init_kl_coef": _real(0.0),
+                "target_kl": _real(0.0, None, open_lo=True), "kl_horizon": _int(1),
+                "no_stop_penalty": _real(0.0)})},
+    "sl_cai": {"rounds": _int(1), "batch_size": _int(1), "limit": _int(-1),
+               "num_few_shot": _int(-1), "helpfulness_ratio": _real(-1.0),
+               "fsync_every": _int(1), **_prefixed("generation", _GENERATION)},
+    "rl_cai": {"limit": _int(0), "test_fraction": _real(0.0, 1.0), "num_responses": _int(2),
+               "min_confidence": _real(0.0, 0.5), "prompts_per_step": _int(1),
+               "pairing": _enum("adjacent", "all", "best_vs_worst"),
+               **_prefixed("generation", _GENERATION)},
+    "hh": {"test_fraction": _real(0.0, 1.0), "limit": _int(0)},
+    "evaluate": {"limit": _int(0), "batch_size": _int(1), "num_examples": _int(0),
+                 **_prefixed("generation", _GENERATION)},
+}
+
+
+def _lookup(cfg, dotted: str):
+  node = cfg
+  for key in dotted.split("."):
+    if node is None or not hasattr(node, "get") or key not in node:
+      return _MISSING
+    node = node[key]
+  return node
+
+
+_MISSING = object()
+
+
+def value_problems(stage: str, cfg, prefix: str = "config") -> list[str]:
+  """Numbers that are not finite or out of range, unknown choices, wrong types."""
+  import math
+  problems = []
+  for field, (kind, arg) in VALUE_RULES.get(stage, {}).items():
+    value = _lookup(cfg, field)
+    if value is _MISSING:
+      continue
+    where = f"{prefix}.{field}={value!r}"
+    if kind == "bool":
+      if not isinstance(value, bool):
+        problems.append(f"{where}: must be True or False")
+    elif kind == "enum":
+      if value not in arg:
+        problems.append(f"{where}: must be one of {', '.join(map(repr, arg))}")
+    elif kind == "int":
+      lo, hi = arg
+      if isinstance(value, bool) or not isinstance(value, int):
+        problems.append(f"{where}: must be an integer")
+      elif (lo is not None and value < lo) or (hi is not None and value > hi):
+        problems.append(f"{where}: must be {_range(lo, hi)}")
+    else:
+      lo, hi, open_lo = arg
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        problems.append(f"{where}: must be a number")
+      elif not math.isfinite(value):
+        problems.append(f"{where}: must be a finite number")
+      elif ((lo is not None and (value < lo or (open_lo and value == lo)))
+            or (hi is not None and value > hi)):
+        problems.append(f"{where}: must be {_range(lo, hi, open_lo)}")
+  # Relations between fields.
+  if stage in ("sft", "rm") and _lookup(cfg, "num_epochs") == 0 and not _lookup(cfg, "max_steps"):
+    problems.append(f"{prefix}.num_epochs=0 and {prefix}.max_steps=0: nothing would be trained")
+  for optim in ("optim", "actor_optim", "critic_optim"):
+    lr, min_lr = _lookup(cfg, f"{optim}.lr"), _lookup(cfg, f"{optim}.min_lr")
+    if (_lookup(cfg, f"{optim}.schedule") == "cosine" and isinstance(lr, (int, float))
+        and isinstance(min_lr, (int, float)) and 0 < lr < min_lr):
+      problems.append(f"{prefix}.{optim}.min_lr={min_lr!r} is above {prefix}.{optim}.lr={lr!r}")
+  gen_min, gen_max = (_lookup(cfg, "generation.min_new_tokens"),
+                      _lookup(cfg, "generation.max_new_tokens"))
+  if isinstance(gen_min, int) and isinstance(gen_max, int) and gen_min > gen_max:
+    problems.append(f"{prefix}.generation.min_new_tokens={gen_min} is above "
+                    f"{prefix}.generation.max_new_tokens={gen_max}")
+  return problems
+
+
+def _range(lo, hi, open_lo=False) -> str:
+  if lo is not None and hi is not None:
+    return f"in {'(' if open_lo else '['}{lo}, {hi}]"
+  if lo is not None:
+    return f"{'>' if open_lo else '>='} {lo}"
+  return f"<= {hi}"
+
+
 # --- one stage ------------------------------------------------------------------
 
 def _model_vocab(c: Checker, cfg, init_field: str, prefix: str) -> int | None:
@@ -255,6 +393,8 @@ STAGE_CHECKS: dict[str, Callable] = {
 def stage_problems(stage: str, cfg, prefix: str = "config") -> list[str]:
   """Every problem of one stage's config (`configs/<stage>.py`), before it runs."""
   c = Checker()
+  for problem in value_problems(stage, cfg, prefix):
+    c.add(problem)
   STAGE_CHECKS[stage](c, cfg, prefix)
   return c.problems
 
@@ -269,6 +409,12 @@ def pipeline_problems(cfg, stages: list[str], all_stages: tuple[str, ...]) -> li
   instruct models, the input data of every stage, templates and vocabularies.
   """
   c = Checker()
+  for stage in ("sl_cai", "sft", "hh", "rl_cai", "rm", "ppo", "evaluate"):
+    for problem in value_problems(stage, cfg[stage], stage):
+      c.add(problem)
+  if not cfg.base_model:
+    for problem in value_problems("sft", cfg.base, "base"):
+      c.add(problem)
   unknown = [s for s in stages if s not in all_stages]
   if unknown:
     c.add(f"stages: unknown stage(s) {', '.join(map(repr, unknown))}; valid names: "

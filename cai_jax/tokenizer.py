@@ -37,6 +37,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import sentencepiece as spm
 
+from cai_jax.data.jsonl import atomic_write_bytes
+
 # NeMo's chat tokens (system turn start, turn start, label start) and
 # Mistral-instruct's instruction brackets.
 CHAT_SPECIAL_TOKENS = ("<extra_id_0>", "<extra_id_1>", "<extra_id_2>", "[INST]", "[/INST]")
@@ -133,24 +135,8 @@ def train_sentencepiece(
   if got != (UNK_ID, BOS_ID, EOS_ID, pad_id):
     raise RuntimeError(f"trained {out_path} has unk/bos/eos/pad ids {got}, expected "
                        f"{(UNK_ID, BOS_ID, EOS_ID, pad_id)}")
-  _atomic_write(out_path, data)
+  atomic_write_bytes(out_path, data)
   return out_path
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def add_pieces(model_path: str, pieces: Sequence[str], out_path: str) -> list[str]:
@@ -175,7 +161,7 @@ def add_pieces(model_path: str, pieces: Sequence[str], out_path: str) -> list[st
       added.append(piece)
   data = proto.SerializeToString()
   spm.SentencePieceProcessor(model_proto=data)   # refuse to publish a model that does not load
-  _atomic_write(out_path, data)
+  atomic_write_bytes(out_path, data)
   return added
 
 

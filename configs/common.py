@@ -17,6 +17,25 @@ def mesh_config(data: int = 1, fsdp: int = -1, tensor: int = 1) -> ml_collection
   return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
 
 
+def guard_config(*, loss_spike: float = 10.0, max_param_norm_growth: float = 10.0,
+                 max_kl_per_sequence: float = 0.0, min_entropy: float = 0.0,
+                 max_entropy_fraction: float = 0.0) -> ml_collections.ConfigDict:
+  """Divergence guard (cai_jax.train.loop.DivergenceGuard); each bound is off at 0.
+
+  loss_spike: a loss (PPO: value loss) above this multiple of its running median
+  over the last spike_window values, once min_history are known.
+  max_param_norm_growth: a param norm above this multiple of its first value.
+  PPO only: max_kl_per_sequence (nats per response), min_entropy (nats per token),
+  max_entropy_fraction (of ln(vocab)). A run stopped by the guard keeps its last
+  checkpoint that passed it; loosen a bound and rerun to resume (guard fields are
+  not part of the run identity).
+  """
+  return ml_collections.ConfigDict(dict(
+      loss_spike=loss_spike, spike_window=50, min_history=10,
+      max_param_norm_growth=max_param_norm_growth, max_kl_per_sequence=max_kl_per_sequence,
+      min_entropy=min_entropy, max_entropy_fraction=max_entropy_fraction))
+
+
 def add_run_fields(c: ml_collections.ConfigDict, *, eval_every: int, save_every: int,
                    log_every: int = 5, keep_checkpoints: int = 2) -> None:
   """Fields every training stage has: mesh, numerics, cadence, checkpoints, seed, export."""
@@ -31,3 +50,4 @@ def add_run_fields(c: ml_collections.ConfigDict, *, eval_every: int, save_every:
   c.keep_checkpoints = keep_checkpoints
   c.seed = 0
   c.export_hf = True                    # also write the final model as HF safetensors
+  c.guard = guard_config()

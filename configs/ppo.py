@@ -15,7 +15,7 @@ noisy to learn in that budget; a decaying lr stalled the second half.
 import ml_collections
 
 from configs import models
-from configs.common import mesh_config, optim_config
+from configs.common import guard_config, mesh_config, optim_config
 
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
@@ -77,6 +77,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.seed = 0
   c.export_hf = True
+  # Value-loss spikes, param-norm growth of actor or critic, KL per response.
+  c.guard = guard_config(loss_spike=100.0, max_kl_per_sequence=100.0)
   if preset == "tiny":
     pass
   elif preset == "mistral_7b":
@@ -95,6 +97,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.critic_optim = optim_config(lr=3e-7, min_lr=9e-8)
     c.eval_every = 10
     c.save_every = 10
+    # A trained 7B policy writes at a few nats per token; near ln(32000) = 10.4 it is noise.
+    c.guard.max_entropy_fraction = 0.9
   else:
     raise ValueError(f"unknown ppo preset {preset!r}; choose tiny or mistral_7b")
   return c

@@ -7,12 +7,10 @@ Writes DIR/report.json, summary.md and PNG plots. Replaces the manual
 """
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from launch import runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/evaluate.py:tiny", "Evaluation config.",
-                                          lock_config=True)
+_CONFIG = runtime.define_config("configs/evaluate.py:tiny", "Evaluation config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 _MODELS = flags.DEFINE_list("models", None, "name=model_dir pairs, earliest stage first.",
                             required=True)

@@ -19,19 +19,17 @@ Rerunning with the same settings resumes a killed run without duplicates or gaps
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from launch import runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/rl_cai.py:tiny", "RL-CAI config.",
-                                          lock_config=True)
+_CONFIG = runtime.define_config("configs/rl_cai.py:tiny", "RL-CAI config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
 
 def main(argv):
   del argv
   runtime.setup()
-  runtime.preflight('rl_cai', _CONFIG.value)
+  runtime.preflight("rl_cai", _CONFIG.value)
   from cai_jax.cai import rl_cai
   from cai_jax.data import DataError
   try:

@@ -16,10 +16,10 @@ import json
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/sl_cai.py:tiny", "SL-CAI config.",
-                                          lock_config=True)
+from launch import runtime
+
+_CONFIG = runtime.define_config("configs/sl_cai.py:tiny", "SL-CAI config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
 
@@ -40,10 +40,9 @@ def _print_summary(summary: dict) -> None:
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  from launch import runtime
   if cfg.backend.kind == "local":
     runtime.setup()
-  runtime.preflight('sl_cai', _CONFIG.value)
+  runtime.preflight("sl_cai", _CONFIG.value)
   from cai_jax.cai.sl_cai import run_sl_cai
   from cai_jax.serve.client import RemoteError
   try:

@@ -18,17 +18,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 
 import ml_collections
 from absl import app, flags
-from ml_collections import config_flags
 
 from launch import runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/pipeline.py:tiny", "Pipeline config.",
-                                          lock_config=True)
+_CONFIG = runtime.define_config("configs/pipeline.py:tiny", "Pipeline config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory for every stage.", required=True)
 _STAGES = flags.DEFINE_list("stages", None, "Run only these stages (default: config.stages).")
 _FORCE = flags.DEFINE_list("force", [], "Rerun these stages even if complete.")
@@ -90,10 +87,11 @@ class Pipeline:
       print(f"[pipeline] {name}: complete, skipped ({stage_dir})", flush=True)
       return
     from cai_jax.data import jsonl
-    if jsonl.read_manifest(stage_dir):
-      # It completed before, under another config or other inputs (or --force):
-      # start it afresh rather than resume checkpoints made with other settings.
-      shutil.rmtree(stage_dir)
+    if name in self.force or jsonl.read_manifest(stage_dir):
+      # It completed before under another config or other inputs, or --force names it:
+      # start it afresh rather than resume checkpoints made with other settings. (A
+      # partial stage with another config is refused by the stage itself.)
+      shutil.rmtree(stage_dir, ignore_errors=True)
     print(f"[pipeline] {name}: running -> {stage_dir}", flush=True)
     start = time.time()
     os.makedirs(stage_dir, exist_ok=True)
@@ -273,12 +271,8 @@ def main(argv):
   cfg = _CONFIG.value
   stages = _STAGES.value or [s for s in cfg.stages.split(",") if s]
   pipeline = Pipeline(cfg, _WORKDIR.value, stages, _FORCE.value)
-  from cai_jax.preflight import PreflightError
-  try:
+  with runtime.user_errors("pipeline"):
     results = pipeline.run()
-  except PreflightError as e:
-    print(f"pipeline: {e}", file=sys.stderr)
-    return 1
   print(headline(results, pipeline.workdir))
 
 

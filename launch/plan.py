@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 
+from launch import runtime
 from absl import app, flags
-from ml_collections import config_flags
 
 from cai_jax import plan
 from configs.models import to_mistral_config
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/pipeline.py:mistral_7b",
-                                          "Pipeline config.", lock_config=True)
+_CONFIG = runtime.define_config("configs/pipeline.py:mistral_7b", "Pipeline config.")
 _MESH = flags.DEFINE_list("mesh", ["1", "8", "1"], "data,fsdp,tensor sizes (no -1).")
 _DEVICE_GB = flags.DEFINE_float("device_memory_gb", 80.0, "Memory of one device, GiB.")
 _JSON = flags.DEFINE_string("json", "", "Also write the numbers (bytes) to this file.")

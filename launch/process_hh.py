@@ -12,18 +12,16 @@ import json
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from launch import runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/process_hh.py:tiny",
-                                          "process_hh config.", lock_config=True)
+_CONFIG = runtime.define_config("configs/process_hh.py:tiny", "process_hh config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
 
 def main(argv):
   del argv
-  runtime.preflight('hh', _CONFIG.value)
+  runtime.preflight("hh", _CONFIG.value)
   from cai_jax.cai import hh
   from cai_jax.data import DataError
   try:

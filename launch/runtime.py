@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import sys
 
 from absl import logging
+
+
+def define_config(default: str, help_text: str):
+  """`--config` (an ml_collections config file and `--config.x=y` overrides), with a clean
+  error for a bad override: absl applies overrides while this module is imported, and a
+  mistyped field would otherwise end in a traceback saying only `AttributeError: "'typo'"`."""
+  from ml_collections import config_flags
+  try:
+    return config_flags.DEFINE_config_file("config", default, help_text, lock_config=True)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections nests the KeyError's repr in the AttributeError: unquote it.
+    detail = re.sub(r"\\?'", "", str(e)).replace("\\n", " ").replace("\n", " ").strip("\" ")
+    given = [a for a in sys.argv[1:] if a.startswith("--config")]
+    if isinstance(e, (AttributeError, KeyError)):
+      detail = f"unknown config field {detail}"
+    sys.exit(f"{os.path.basename(sys.argv[0])}: bad --config override: {detail} "
+             f"(overrides given: {' '.join(given) or 'none'}; field names are those of "
+             f"{default.split(':')[0]})")
 
 
 def setup() -> None:
@@ -32,6 +52,18 @@ def preflight(stage: str, cfg) -> None:
   problems = checks.stage_problems(stage, cfg)
   if problems:
     sys.exit(f"{stage}: {checks.PreflightError('config', problems)}")
+
+
+@contextlib.contextmanager
+def user_errors(name: str):
+  """Errors a user can fix (bad config, data, paths, a refused workdir, a diverged run) end
+  the program with one clear line; `--verbosity=1` shows the traceback instead."""
+  try:
+    yield
+  except (ValueError, OSError, FloatingPointError) as e:
+    if logging.get_verbosity() >= 1:
+      raise
+    sys.exit(f"{name}: error: {e}\n(rerun with --verbosity=1 for the traceback)")
 
 
 def headline(report: dict) -> str:

@@ -5,21 +5,22 @@ tutorial step 6): actor, critic, reference and reward model run in this one proc
 """
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from launch import runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/ppo.py:tiny", "PPO config.",
-                                          lock_config=True)
+_CONFIG = runtime.define_config("configs/ppo.py:tiny", "PPO config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+_FORCE = flags.DEFINE_bool("force", False, "Delete a run of another config or other inputs in "
+                           "--workdir and start afresh (without it such a workdir is refused).")
 
 
 def main(argv):
   del argv
   runtime.setup()
-  runtime.preflight('ppo', _CONFIG.value)
+  runtime.preflight("ppo", _CONFIG.value)
   from cai_jax.train.ppo import run_ppo
-  report = run_ppo(_CONFIG.value, _WORKDIR.value)
+  with runtime.user_errors("train_ppo"):
+    report = run_ppo(_CONFIG.value, _WORKDIR.value, force=_FORCE.value)
   logging.info("PPO done: %s", runtime.headline(report))
   print(runtime.headline(report))
 

@@ -4,21 +4,22 @@ Replaces NeMo-Aligner's `examples/nlp/gpt/train_reward_model.py` (CAI tutorial s
 """
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from launch import runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/rm.py:tiny", "Reward model config.",
-                                          lock_config=True)
+_CONFIG = runtime.define_config("configs/rm.py:tiny", "Reward model config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+_FORCE = flags.DEFINE_bool("force", False, "Delete a run of another config or other inputs in "
+                           "--workdir and start afresh (without it such a workdir is refused).")
 
 
 def main(argv):
   del argv
   runtime.setup()
-  runtime.preflight('rm', _CONFIG.value)
+  runtime.preflight("rm", _CONFIG.value)
   from cai_jax.train.reward import run_rm
-  report = run_rm(_CONFIG.value, _WORKDIR.value)
+  with runtime.user_errors("train_rm"):
+    report = run_rm(_CONFIG.value, _WORKDIR.value, force=_FORCE.value)
   logging.info("RM done: %s", runtime.headline(report))
   print(runtime.headline(report))
 

@@ -5,21 +5,22 @@ Resumes from the newest checkpoint in DIR/checkpoints when rerun.
 """
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from launch import runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/sft.py:tiny", "SFT config.",
-                                          lock_config=True)
+_CONFIG = runtime.define_config("configs/sft.py:tiny", "SFT config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+_FORCE = flags.DEFINE_bool("force", False, "Delete a run of another config or other inputs in "
+                           "--workdir and start afresh (without it such a workdir is refused).")
 
 
 def main(argv):
   del argv
   runtime.setup()
-  runtime.preflight('sft', _CONFIG.value)
+  runtime.preflight("sft", _CONFIG.value)
   from cai_jax.train.sft import run_sft
-  report = run_sft(_CONFIG.value, _WORKDIR.value)
+  with runtime.user_errors("train_sft"):
+    report = run_sft(_CONFIG.value, _WORKDIR.value, force=_FORCE.value)
   logging.info("SFT done: %s", runtime.headline(report))
   print(runtime.headline(report))
 

@@ -228,8 +228,15 @@ def _ls(path):
 
 
 def test_infinite_learning_rate_stops_at_step_one_and_saves_nothing(sp_model_path, tmp_path):
+  from cai_jax.preflight import PreflightError
   from cai_jax.train.sft import run_sft
   cfg = train_worker.sft_config(sp_model_path, max_steps=4, **{"optim.lr": float("inf")})
+  with pytest.raises(PreflightError, match=r"config.optim.lr=inf: must be a finite number"):
+    run_sft(cfg, str(tmp_path), mesh=_mesh1())      # refused before any work
+  assert _ls(tmp_path) == []
+  # A finite rate so large that the updated params overflow float32 stops at run time.
+  cfg = train_worker.sft_config(sp_model_path, max_steps=4,
+                                **{"optim.lr": 1e30, "optim.warmup_steps": 0})
   with pytest.raises(TrainingDivergedError) as err:
     run_sft(cfg, str(tmp_path), mesh=_mesh1())
   msg = str(err.value)

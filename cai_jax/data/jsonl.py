@@ -225,17 +225,42 @@ def _fsync_dir(directory: str) -> None:
       os.close(fd)
 
 
+def default_file_mode() -> int:
+  """The mode `open()` gives a new file under the current umask (0644 under umask 022)."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return 0o666 & ~mask
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  """One JSON document; a file that is not JSON is a DataError naming it."""
+  path = os.fspath(path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except ValueError as e:
+    raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Writes bytes so that `path` appears complete or not at all."""
+  with _atomic_file(os.fspath(path), binary=True) as f:
+    f.write(data)
+
+
 @contextlib.contextmanager
-def _atomic_file(path: str) -> Iterator[IO[str]]:
-  """A text file that appears at `path` complete, or not at all."""
+def _atomic_file(path: str, binary: bool = False) -> Iterator[IO]:
+  """A file that appears at `path` complete, or not at all."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
   try:
-    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+    with (os.fdopen(fd, "wb") if binary else
+          os.fdopen(fd, "w", encoding="utf-8", newline="\n")) as f:
       yield f
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, default_file_mode())   # mkstemp's 0600 -> what open() would have given
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(OSError):
@@ -491,7 +516,7 @@ def file_sha256(path: str | os.PathLike) -> str:
   return digest.hexdigest()
 
 
-def _plain_config(config: Any) -> Any:
+def plain_config(config: Any) -> Any:
   """A config as plain JSON data, so it can be saved and compared across runs."""
   if hasattr(config, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict
     config = config.to_dict()
@@ -511,11 +536,11 @@ def _json_default(value: Any) -> Any:
 
 def config_fingerprint(config: Any) -> str:
   """A short stable hash of a config (e.g. `ResumableWriter`'s `fingerprint`)."""
-  text = json.dumps(_plain_config(config), sort_keys=True, separators=(",", ":"))
+  text = json.dumps(plain_config(config), sort_keys=True, separators=(",", ":"))
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _input_entry(source: str | os.PathLike) -> dict:
+def input_entry(source: str | os.PathLike) -> dict:
   source = os.fspath(source)
   if is_hub_name(source):
     # A hub dataset has no local bytes to hash; its name stands for its content.
@@ -553,15 +578,15 @@ def write_manifest(out_dir: str | os.PathLike, *, stage: str, config: Any,
   manifest = {
       "stage": stage,
       "complete": True,
-      "config": _plain_config(config),
-      "inputs": {name: _input_entry(src) for name, src in inputs.items()},
-      "counts": _plain_config(dict(counts)),
+      "config": plain_config(config),
+      "inputs": {name: input_entry(src) for name, src in inputs.items()},
+      "counts": plain_config(dict(counts)),
       "seed": seed,
       "code_version": code_version(),
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
   if extra:
-    manifest["extra"] = _plain_config(dict(extra))
+    manifest["extra"] = plain_config(dict(extra))
   path = os.path.join(out_dir, MANIFEST_NAME)
   atomic_write_json(path, manifest)
   return path
@@ -589,7 +614,7 @@ def manifest_matches(out_dir: str | os.PathLike, *, config: Any,
   manifest = read_manifest(out_dir)
   if manifest is None or manifest.get("complete") is not True:
     return False
-  if manifest.get("config") != _plain_config(config):
+  if manifest.get("config") != plain_config(config):
     return False
   recorded = manifest.get("inputs")
   if not isinstance(recorded, dict) or set(recorded) != set(inputs):
@@ -597,7 +622,7 @@ def manifest_matches(out_dir: str | os.PathLike, *, config: Any,
   for name, source in inputs.items():
     entry = recorded[name]
     try:
-      current = _input_entry(source)
+      current = input_entry(source)
     except DataError:
       return False
     if not isinstance(entry, dict) or entry.get("sha256") != current["sha256"]:

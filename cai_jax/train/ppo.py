@@ -38,15 +38,16 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from cai_jax import parallel, sampling
+from cai_jax import parallel, preflight, sampling
 from cai_jax.compile_options import gradient_program_options
 from cai_jax.data import batching, jsonl
 from cai_jax.model import Mistral, MistralConfig, lm_head_kernel
 from cai_jax.tokenizer import ChatTemplate, Tokenizer, get_template
-from cai_jax.train import common, rl
+from cai_jax.train import common, identity, rl
 from cai_jax.train.checkpointing import Checkpointer
 from cai_jax.train.lm import vocab_logprobs
-from cai_jax.train.loop import check_workdir_writable, truncate_metrics
+from cai_jax.train.loop import (DivergenceGuard, TrainingDivergedError, check_workdir_writable,
+                                last_logged, truncate_metrics)
 from cai_jax.train.metrics import MetricsWriter
 from cai_jax.train.optim import make_optimizer
 from cai_jax.train.state import TrainState, abstract_state, create_state
@@ -58,11 +59,13 @@ RewardFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 # Per-minibatch update statistics, returned by `update` with shape [epochs, minibatches].
 UPDATE_STATS = ("policy_loss", "entropy", "clip_fraction", "approx_kl", "ratio_mean",
-                "value_loss", "value_clip_fraction", "actor_grad_norm", "critic_grad_norm")
+                "value_loss", "value_clip_fraction", "actor_grad_norm", "critic_grad_norm",
+                "actor_param_norm", "critic_param_norm")
 
 
 class NonFiniteError(FloatingPointError):
-  """A NaN/Inf reward or loss; raised before the state it would corrupt is saved."""
+  """A NaN/Inf reward or loss; raised before the state it would corrupt is saved (`run_ppo`
+  reports it as a `TrainingDivergedError` naming the checkpoint kept)."""
 
 
 class Rollout(NamedTuple):
@@ -266,9 +269,13 @@ def update(actor_cfg, critic_cfg, actor_tx, critic_tx, actor: TrainState, critic
     actor, critic = carry
     (_, a_stats), a_grads = jax.value_and_grad(actor_loss, has_aux=True)(actor.params, mb)
     (_, c_stats), c_grads = jax.value_and_grad(critic_loss, has_aux=True)(critic.params, mb)
+    actor, critic = apply(actor, actor_tx, a_grads), apply(critic, critic_tx, c_grads)
     stats = {**a_stats, **c_stats, "actor_grad_norm": optax.global_norm(a_grads),
-             "critic_grad_norm": optax.global_norm(c_grads)}
-    return (apply(actor, actor_tx, a_grads), apply(critic, critic_tx, c_grads)), stats
+             "critic_grad_norm": optax.global_norm(c_grads),
+             # After the update: what the divergence guard watches for blow-ups.
+             "actor_param_norm": optax.global_norm(actor.params),
+             "critic_param_norm": optax.global_norm(critic.params)}
+    return (actor, critic), stats
 
   def epoch_step(carry, k):
     perm = jax.random.permutation(jax.random.wrap_key_data(k), B)
@@ -281,8 +288,11 @@ def update(actor_cfg, critic_cfg, actor_tx, critic_tx, actor: TrainState, critic
 
 
 def summarize_update(stats: dict) -> dict:
-  """Host-side: means over all minibatches plus the first minibatch's ratio stats."""
+  """Host-side: means over all minibatches plus the first minibatch's ratio stats; param
+  norms are those after the last minibatch."""
   out = {k: float(np.mean(v)) for k, v in stats.items()}
+  for k in ("actor_param_norm", "critic_param_norm"):
+    out[k] = float(np.asarray(stats[k])[-1, -1])
   for k in ("ratio_mean", "clip_fraction", "approx_kl"):
     out[f"{k}_first_minibatch"] = float(np.asarray(stats[k])[0, 0])
   return out
@@ -569,13 +579,26 @@ def sample_table(samples: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def run_ppo(cfg, workdir: str, *, reward_fn: RewardFn | None = None) -> dict:
+def stage_inputs(cfg) -> dict:
+  """The files PPO reads (hashed into its run identity and manifest)."""
+  inputs = {"train_prompts": cfg.train_prompts, "tokenizer": cfg.tokenizer}
+  if cfg.val_prompts:
+    inputs["val_prompts"] = cfg.val_prompts
+  for k in ("actor_init", "rm_init", "critic_init"):
+    if cfg.get(k):
+      inputs[k] = os.path.join(cfg[k], "config.json")
+  return inputs
+
+
+def run_ppo(cfg, workdir: str, *, reward_fn: RewardFn | None = None, force: bool = False) -> dict:
   """Runs (or resumes) PPO described by `configs/ppo.py`. Returns the report dict.
 
   `reward_fn` (jittable, see `RewardFn`) replaces the reward model; without
-  it `config.rm_init` is required.
+  it `config.rm_init` is required. A workdir holding a run of another config
+  or other inputs is refused unless `force` (see `cai_jax.train.identity`).
   """
   lead = jax.process_index() == 0
+  preflight.require(preflight.value_problems("ppo", cfg), "ppo config")
   check_workdir_writable(workdir)
   if not cfg.tokenizer:
     raise ValueError("config.tokenizer: path to a sentencepiece .model is required")
@@ -587,6 +610,7 @@ def run_ppo(cfg, workdir: str, *, reward_fn: RewardFn | None = None) -> dict:
       raise ValueError(f"config.{key}={cfg[key]!r}: no such model directory")
   if not cfg.train_prompts:
     raise ValueError("config.train_prompts: a jsonl of {\"text\": prompt} records is required")
+  identity.claim_workdir(workdir, cfg, stage_inputs(cfg), force=force, lead=lead)
   tokenizer = Tokenizer.from_file(cfg.tokenizer)
   template = get_template(cfg.template)
   mesh = common.mesh_from_config(cfg)
@@ -612,6 +636,7 @@ def run_ppo(cfg, workdir: str, *, reward_fn: RewardFn | None = None) -> dict:
   kl_coef = float(cfg.ppo.init_kl_coef)
   start = 0
   first_eval = None
+  guard_state = None
   shardings = {"actor": trainer.actor_shardings, "critic": trainer.critic_shardings}
   if ckpt.latest_step() is not None:
     state = {"actor": trainer.actor, "critic": trainer.critic}
@@ -620,18 +645,32 @@ def run_ppo(cfg, workdir: str, *, reward_fn: RewardFn | None = None) -> dict:
     batches.restore(data["batches"])
     kl_coef = float(data["kl_coef"])
     first_eval = data.get("first_eval")
-    # A killed run may have logged iterations after its last checkpoint; they are
-    # about to be recomputed, so metrics.jsonl keeps only the trajectory up to here.
-    truncate_metrics(writer.path, start)
-    if lead:
-      _truncate_samples(os.path.join(workdir, "samples.jsonl"), start)
+    guard_state = data.get("guard")
     logging.info("PPO resumed from iteration %d (kl_coef %.4g)", start, kl_coef)
+  # A killed run may have logged iterations after its last checkpoint (or, killed
+  # before its first, any): they are about to be recomputed, so metrics.jsonl and
+  # samples.jsonl keep only the trajectory up to here.
+  truncate_metrics(writer.path, start if ckpt.latest_step() is not None else -1)
+  if lead:
+    _truncate_samples(os.path.join(workdir, "samples.jsonl"),
+                      start if ckpt.latest_step() is not None else -1)
+  guard = DivergenceGuard(cfg.get("guard", None), spike_metrics=("value_loss",),
+                          vocab_size=trainer.actor_cfg.vocab_size, state=guard_state)
+  # Param norms are guarded against the models PPO started from.
+  guard.set_base_norm("actor_param_norm", float(optax.global_norm(trainer.actor.params)))
+  guard.set_base_norm("critic_param_norm", float(optax.global_norm(trainer.critic.params)))
 
   history = []
   if val_rows and start == 0:
     first_eval = trainer.evaluate(val_rows)
     writer.write(0, first_eval, split="eval")
   last_eval = first_eval or {}
+  if start >= cfg.iterations:
+    # Killed after the last checkpoint (e.g. during export): report what the
+    # uninterrupted run reported.
+    history.append(last_logged(writer.path, "train"))
+    if val_rows:
+      last_eval = trainer.evaluate(val_rows)
   bar = tqdm(total=cfg.iterations, initial=start, desc="ppo", dynamic_ncols=True,
              disable=not lead)
   try:
@@ -639,12 +678,17 @@ def run_ppo(cfg, workdir: str, *, reward_fn: RewardFn | None = None) -> dict:
       prompt_batch = next(batches)
       try:
         metrics, exp = trainer.iteration(prompt_batch, kl_coef, iteration=it)
+        problem = guard.check(it, metrics)
+        problem = f"iteration {it}: {problem}" if problem else None
       except NonFiniteError as e:
+        problem = str(e)
+      if problem:
         last = ckpt.latest_step()
-        raise NonFiniteError(
-            f"{e} Stopped before saving: the last good checkpoint is "
-            f"{'iteration ' + str(last) if last is not None else 'none'} in {ckpt.directory}; "
-            "nothing newer was written.") from None
+        raise TrainingDivergedError(
+            f"PPO {problem}. Stopped before saving: the last good checkpoint is "
+            f"{'iteration ' + str(last) if last is not None else 'none'} (the newest that "
+            f"passed the guard) in {ckpt.directory}; nothing newer was written. Lower the "
+            "learning rates or check the reward scale.")
       if cfg.ppo.adaptive_kl:
         kl_coef = rl.adaptive_kl_coef(kl_coef, metrics["kl_per_sequence"], cfg.ppo.target_kl,
                                       cfg.ppo.kl_horizon, cfg.rollout_batch_size)
@@ -662,7 +706,7 @@ def run_ppo(cfg, workdir: str, *, reward_fn: RewardFn | None = None) -> dict:
       if it == cfg.iterations or (cfg.save_every and it % cfg.save_every == 0):
         ckpt.save(it, {"actor": trainer.actor, "critic": trainer.critic},
                   {"batches": batches.state(), "kl_coef": kl_coef, "iteration": it,
-                   "first_eval": first_eval})
+                   "first_eval": first_eval, "guard": guard.state()})
       bar.update(1)
       bar.set_postfix(score=f"{metrics['score_mean']:.3f}", kl=f"{metrics['kl_per_sequence']:.3f}")
   finally:
@@ -678,12 +722,6 @@ def run_ppo(cfg, workdir: str, *, reward_fn: RewardFn | None = None) -> dict:
             "final_train": history[-1] if history else {}, "kl_coef": kl_coef, "outputs": paths}
   if lead:
     jsonl.atomic_write_json(os.path.join(workdir, "report.json"), report)
-    inputs = {"train_prompts": cfg.train_prompts, "tokenizer": cfg.tokenizer}
-    if cfg.val_prompts:
-      inputs["val_prompts"] = cfg.val_prompts
-    for k in ("actor_init", "rm_init", "critic_init"):
-      if cfg.get(k):
-        inputs[k] = os.path.join(cfg[k], "config.json")
-    jsonl.write_manifest(workdir, stage="ppo", config=cfg, inputs=inputs,
+    jsonl.write_manifest(workdir, stage="ppo", config=cfg, inputs=stage_inputs(cfg),
                          counts={"iterations": cfg.iterations, **train_stats}, seed=cfg.seed)
   return report

@@ -99,14 +99,17 @@ def build_pair_rows(path: str, tokenizer: Tokenizer, template: ChatTemplate, max
   return rows, stats
 
 
-def run_rm(cfg, workdir: str, *, mesh=None) -> dict:
+def run_rm(cfg, workdir: str, *, mesh=None, force: bool = False) -> dict:
   """Trains (or resumes) the reward model described by `configs/rm.py`.
 
-  `mesh` overrides `cfg.mesh`. The report holds the test metrics before
+  `mesh` overrides `cfg.mesh`; `force` restarts a workdir that holds another run
+  (see `cai_jax.train.identity`). The report holds the test metrics before
   training (`initial_eval`, the chance-level baseline) and after
   (`final_eval`, `test_accuracy`).
   """
-  tokenizer, mesh = supervised.prepare(cfg, workdir, mesh)
+  data_files = {"train_file": cfg.train_file, "test_file": cfg.test_file}
+  tokenizer, mesh = supervised.prepare(cfg, workdir, mesh, stage="rm", data_files=data_files,
+                                       force=force)
   template = get_template(cfg.template)
   train_rows, stats = build_pair_rows(cfg.train_file, tokenizer, template, cfg.max_seq_len,
                                       cfg.overlong, "train")
@@ -129,8 +132,7 @@ def run_rm(cfg, workdir: str, *, mesh=None) -> dict:
   report = {"stage": "rm", "data": stats, "steps": steps, **summary, "outputs": paths,
             "test_accuracy": summary["final_eval"].get("val_accuracy")}
   supervised.write_report(cfg, workdir, stage="rm", report=report,
-                          data_files={"train_file": cfg.train_file, "test_file": cfg.test_file},
-                          counts={"steps": steps, **stats})
+                          data_files=data_files, counts={"steps": steps, **stats})
   return report
 
 

@@ -47,12 +47,16 @@ def split_validation(rows: list[dict], fraction: float, seed: int):
   return [r for i, r in enumerate(rows) if i not in val], [r for i, r in enumerate(rows) if i in val]
 
 
-def run_sft(cfg, workdir: str, *, mesh=None) -> dict:
+def run_sft(cfg, workdir: str, *, mesh=None, force: bool = False) -> dict:
   """Runs (or resumes) SFT described by `configs/sft.py`. Returns the report dict.
 
   `mesh` overrides `cfg.mesh` (e.g. a one-device mesh in a multi-device process).
+  A workdir holding a run of another config or other inputs is refused unless
+  `force` (then it is cleared): see `cai_jax.train.identity`.
   """
-  tokenizer, mesh = supervised.prepare(cfg, workdir, mesh)
+  data_files = {"train_file": cfg.train_file, "val_file": cfg.val_file}
+  tokenizer, mesh = supervised.prepare(cfg, workdir, mesh, stage="sft", data_files=data_files,
+                                       force=force)
   train_rows, stats = build_rows(cfg, tokenizer, cfg.train_file, "train")
   if cfg.val_file:
     val_rows, val_stats = build_rows(cfg, tokenizer, cfg.val_file, "val")
@@ -68,6 +72,5 @@ def run_sft(cfg, workdir: str, *, mesh=None) -> dict:
       train_rows=train_rows, eval_rows=val_rows, count_tokens=count_tokens, desc="sft")
   report = {"stage": "sft", "data": stats, "steps": steps, **summary, "outputs": paths}
   supervised.write_report(cfg, workdir, stage="sft", report=report,
-                          data_files={"train_file": cfg.train_file, "val_file": cfg.val_file},
-                          counts={"steps": steps, **stats})
+                          data_files=data_files, counts={"steps": steps, **stats})
   return report

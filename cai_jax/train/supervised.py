@@ -14,11 +14,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from cai_jax import parallel
+from cai_jax import parallel, preflight
 from cai_jax.data import batching, jsonl
 from cai_jax.model import MistralConfig
 from cai_jax.tokenizer import Tokenizer
-from cai_jax.train import common
+from cai_jax.train import common, identity
 from cai_jax.train.checkpointing import Checkpointer
 from cai_jax.train.loop import (LoopSettings, check_workdir_writable, default_peak_flops,
                                 run_training)
@@ -27,11 +27,24 @@ from cai_jax.train.optim import make_optimizer
 from cai_jax.train.state import create_state, make_eval_step, make_train_step
 
 
-def prepare(cfg, workdir: str, mesh=None):
-  """Checks the workdir, opens the tokenizer, builds the mesh. Returns (tokenizer, mesh)."""
+def stage_inputs(cfg, data_files: dict) -> dict:
+  """The files a supervised stage reads (hashed into its run identity and manifest)."""
+  inputs = {k: v for k, v in data_files.items() if v}
+  inputs["tokenizer"] = cfg.tokenizer
+  if cfg.init_from:
+    inputs["init_from_config"] = os.path.join(cfg.init_from, "config.json")
+  return inputs
+
+
+def prepare(cfg, workdir: str, mesh=None, *, stage: str, data_files: dict, force: bool = False):
+  """Checks the config's values and the workdir's run identity (see `identity`), opens the
+  tokenizer, builds the mesh. Returns (tokenizer, mesh)."""
+  preflight.require(preflight.value_problems(stage, cfg), f"{stage} config")
   check_workdir_writable(workdir)
   if not cfg.tokenizer:
     raise ValueError("config.tokenizer: path to a sentencepiece .model is required")
+  identity.claim_workdir(workdir, cfg, stage_inputs(cfg, data_files), force=force,
+                         lead=jax.process_index() == 0)
   tokenizer = Tokenizer.from_file(cfg.tokenizer)
   return tokenizer, (mesh if mesh is not None else common.mesh_from_config(cfg))
 
@@ -110,7 +123,8 @@ def fit_supervised(cfg, workdir: str, *, mesh, tokenizer: Tokenizer, head: str,
     state, summary = run_training(
         state=state, shardings=shardings, train_step=train_step, batches=batches,
         put_batch=put_batch, count_tokens=count_tokens, settings=settings,
-        checkpointer=checkpointer, writer=writer, evaluate=evaluate)
+        checkpointer=checkpointer, writer=writer, evaluate=evaluate,
+        guard_config=cfg.get("guard", None))
   finally:
     checkpointer.close()
     writer.close()
@@ -125,9 +139,5 @@ def write_report(cfg, workdir: str, *, stage: str, report: dict, data_files: dic
   if jax.process_index() != 0:
     return
   jsonl.atomic_write_json(os.path.join(workdir, "report.json"), report)
-  inputs = {k: v for k, v in data_files.items() if v}
-  inputs["tokenizer"] = cfg.tokenizer
-  if cfg.init_from:
-    inputs["init_from_config"] = os.path.join(cfg.init_from, "config.json")
-  jsonl.write_manifest(workdir, stage=stage, config=cfg, inputs=inputs, counts=counts,
-                       seed=cfg.seed)
+  jsonl.write_manifest(workdir, stage=stage, config=cfg, inputs=stage_inputs(cfg, data_files),
+                       counts=counts, seed=cfg.seed)
