@@ -173,6 +173,38 @@ def test_bookkeeping_with_scripted_policy_and_judge(tmp_path):
       _config(tmp_path, limit=8, test_fraction=0.25, min_confidence=0.3), str(tmp_path / "w"))
 
 
+def test_killed_between_raw_file_and_manifest_resumes_without_regenerating(tmp_path):
+  """The raw judgments are published, then the run dies before its manifest: every judgment
+  on disk is reused (with a hosted judge at 7B scale, the whole stage's cost)."""
+  script = lambda prompt, k: ("GOOD reply" if k else "bad reply") + "\n"
+  judge = ScriptedJudge()
+  cfg = _config(tmp_path, limit=6)
+  workdir = tmp_path / "w"
+  first = rl_cai.run_rl_cai(cfg, str(workdir), backend=ScriptedBackend(script), judge=judge)
+  asked = judge.questions
+  assert asked > 0 and first["summary"]["resumed_prompts"] == 0
+  for name in ("manifest.json", rl_cai.REPORT_NAME):        # the kill's window
+    os.remove(workdir / name)
+  for path in workdir.glob("*comparisons*"):
+    os.remove(path)
+  calls = []
+
+  def no_generation(prompt, k):
+    calls.append(prompt)
+    raise AssertionError("regenerated a response that was on disk")
+
+  again = rl_cai.run_rl_cai(cfg, str(workdir), backend=ScriptedBackend(no_generation), judge=judge)
+  assert not calls and judge.questions == asked
+  assert again["summary"]["resumed_prompts"] == 6
+  assert again["summary"]["pairs_kept"] == first["summary"]["pairs_kept"]
+  assert (open(again["outputs"]["train"]["comparisons"]).read()
+          == open(first["outputs"]["train"]["comparisons"]).read())
+  # Another generation setting is another raw file: nothing stale is reused.
+  changed = rl_cai.run_rl_cai(_config(tmp_path, limit=6, seed=3), str(workdir),
+                              backend=ScriptedBackend(script), judge=judge)
+  assert changed["summary"]["resumed_prompts"] == 0
+
+
 def test_best_vs_worst_pairing(tmp_path):
   quality = ["meh", "GOOD", "bad", "okay"]
 

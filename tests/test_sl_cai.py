@@ -281,12 +281,23 @@ def test_stage_writes_raw_sft_blend_and_manifest(tmp_path):
   assert all(len(v["sha256"]) == 64 for v in manifest["inputs"].values())
   assert manifest["counts"]["blend_records"] == 36
   assert not list(out.glob("*.partial*"))
-  # A rerun after completion regenerates (the pipeline decides whether to skip via the
-  # manifest), and gives the same files.
+  # A rerun (the pipeline decides whether to skip it via the manifest) and a run killed
+  # after publishing the raw file but before the manifest both reuse every record on disk
+  # and give the same files.
   first = _sft_text(out), (out / sl_cai.BLEND_FILE).read_text()
   again = sl_cai.run_sl_cai(cfg, out, backend=ScriptedBackend(backend.reply))
-  assert again["generated_now"] == 6
+  assert again["generated_now"] == 0 and again["resumed"] == 6
+  os.remove(out / "manifest.json")
+  for name in (sl_cai.SFT_FILE, sl_cai.BLEND_FILE):
+    os.remove(out / name)
+  silent = ScriptedBackend(lambda *a: pytest.fail("regenerated a record that was on disk"))
+  killed = sl_cai.run_sl_cai(cfg, out, backend=silent)
+  assert killed["generated_now"] == 0 and not silent.calls
   assert (_sft_text(out), (out / sl_cai.BLEND_FILE).read_text()) == first
+  # Other generation settings are another raw file: regenerated, never mixed.
+  other = sl_cai.run_sl_cai(_cfg(tmp_path, rounds=1, helpfulness_ratio=2.0), out,
+                            backend=ScriptedBackend(backend.reply))
+  assert other["generated_now"] == 6
 
 
 def _sft_text(out):

@@ -396,23 +396,6 @@ def _resume_fingerprint(cfg) -> str:
   return jsonl.config_fingerprint(d)
 
 
-def _reopen_finished_raw(raw: str, fingerprint: str, workdir: str) -> None:
-  """Turns a finished raw file made with the same generation settings back into a partial one.
-
-  A rerun that only changes how outputs are derived (min_confidence,
-  test_fraction, blend, a larger limit) then reuses every judgment instead of
-  regenerating: the file goes back to `ResumableWriter`'s partial state (its
-  `.partial` file plus the meta file naming key field and fingerprint).
-  """
-  partial = raw + ".partial"
-  manifest = jsonl.read_manifest(workdir) or {}
-  made_with = (manifest.get("extra") or {}).get("raw_fingerprint")
-  if os.path.isfile(raw) and not os.path.exists(partial) and made_with == fingerprint:
-    jsonl.atomic_write_json(partial + ".meta.json", {"key_field": "key",
-                                                     "fingerprint": fingerprint})
-    os.replace(raw, partial)
-
-
 def _validate(cfg) -> None:
   if cfg.num_responses < 2:
     raise ValueError(f"num_responses must be >= 2 to form pairs, got {cfg.num_responses}")
@@ -478,8 +461,8 @@ def run_rl_cai(cfg, workdir: str, *, progress: bool = False, backend=None, judge
   started = time.time()
   raw = os.path.join(workdir, RAW_NAME)
   fingerprint = _resume_fingerprint(cfg)
-  if not cfg.restart:
-    _reopen_finished_raw(raw, fingerprint, workdir)
+  # A published raw file of the same generation settings is taken back and resumed (a run
+  # killed before its manifest, or one that only changes how outputs are derived).
   writer = jsonl.ResumableWriter(raw, "key", fingerprint=fingerprint, restart=cfg.restart,
                                  fsync_every=1)
   with writer:

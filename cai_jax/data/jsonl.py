@@ -320,17 +320,22 @@ class ResumableWriter:
      since only whole lines survive and every unwritten key is redone, it
      has no gaps.
   4. `finalize()` fsyncs and renames the partial file to `path` in one
-     atomic step: readers see either no `path` or the complete file.
+     atomic step: readers see either no `path` or the complete file. The
+     fingerprint goes with it (`path + ".meta.json"`).
+  5. A published file whose fingerprint matches, with no partial file beside
+     it, is taken back as the partial file and resumed: a stage killed after
+     publishing it (before its manifest), or rerun with only settings that
+     derive other files from it changed, regenerates nothing.
 
   `fingerprint` (e.g. `config_fingerprint(config)`) is stored next to the
   partial file (`path + ".partial.meta.json"`); a partial file left by a run
   with a different fingerprint (or key field) is discarded instead of resumed
   (`fingerprint=None` skips the check), so changing the config never mixes
-  old and new records (`discarded_stale` tells the caller it happened). `restart=True` discards any partial file. An existing
-  complete file at `path` is not read: deciding that a finished stage can be
-  skipped is `manifest_matches`'s job, and a stage that runs again rewrites
-  its output. An advisory lock on the partial file stops two processes from
-  appending to the same output.
+  old and new records (`discarded_stale` tells the caller it happened).
+  `restart=True` discards any partial file and ignores a published one.
+  Deciding that a finished stage can be skipped altogether is
+  `manifest_matches`'s job. An advisory lock on the partial file stops two
+  processes from appending to the same output.
   """
 
   def __init__(self, path: str | os.PathLike, key_field: str, *, fsync_every: int = 100,
@@ -340,6 +345,7 @@ class ResumableWriter:
     self.path = os.fspath(path)
     self.partial_path = self.path + ".partial"
     self.meta_path = self.partial_path + ".meta.json"
+    self.published_meta_path = self.path + ".meta.json"
     self.key_field = key_field
     self.fsync_every = fsync_every
     self.fingerprint = fingerprint
@@ -350,7 +356,14 @@ class ResumableWriter:
     self._unsynced = 0
     os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
 
-    if os.path.exists(self.partial_path) and not restart and not self._same_fingerprint():
+    self.reopened_published = (not restart and not os.path.exists(self.partial_path)
+                               and os.path.exists(self.path)
+                               and self._same_fingerprint(self.published_meta_path))
+    if self.reopened_published:
+      atomic_write_json(self.meta_path, {"key_field": key_field, "fingerprint": fingerprint})
+      os.replace(self.path, self.partial_path)
+    if (os.path.exists(self.partial_path) and not restart
+        and not self._same_fingerprint(self.meta_path)):
       self.discarded_stale = True
     if restart or self.discarded_stale:
       with contextlib.suppress(FileNotFoundError):
@@ -371,14 +384,15 @@ class ResumableWriter:
       self._file.close()
       raise
 
-  def _same_fingerprint(self) -> bool:
+  def _same_fingerprint(self, meta_path: str) -> bool:
     try:
-      with open(self.meta_path, encoding="utf-8") as f:
+      with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
     except (OSError, ValueError):
       # A partial without its meta file predates fingerprints or lost it: only
-      # trust it when the caller did not ask for a fingerprint check.
-      return self.fingerprint is None
+      # trust it when the caller did not ask for a fingerprint check. A published
+      # file without one is never taken back.
+      return self.fingerprint is None and meta_path == self.meta_path
     if meta.get("key_field") != self.key_field:
       return False
     return self.fingerprint is None or meta.get("fingerprint") == self.fingerprint
@@ -468,6 +482,9 @@ class ResumableWriter:
       raise ValueError(f"{self.partial_path}: writer is closed; finalize before close")
     self._file.flush()
     os.fsync(self._file.fileno())
+    # The fingerprint first, so a published file always has it beside it.
+    atomic_write_json(self.published_meta_path, {"key_field": self.key_field,
+                                                 "fingerprint": self.fingerprint})
     # Rename while still holding the lock, so no second writer can slip in between.
     os.replace(self.partial_path, self.path)
     self._file.close()
