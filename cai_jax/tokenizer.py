@@ -336,8 +336,11 @@ class Tokenizer:
     out: list[list[int]] = [[] for _ in chunks]
     for processor, want in ((self._sp, True), (self._sp_continue, False)):
       index = [k for k, (c, f) in enumerate(zip(chunks, fresh)) if bool(f) == want and c]
-      if index:
-        for k, ids in zip(index, processor.encode([chunks[k] for k in index])):
+      # Bounded batches: SentencePiece holds Python's GIL while it builds a batch's result
+      # lists, and a server tokenizing a huge request must not starve its other threads.
+      for start in range(0, len(index), 256):
+        part = index[start:start + 256]
+        for k, ids in zip(part, processor.encode([chunks[k] for k in part])):
           out[k] = list(ids)
     return out
 

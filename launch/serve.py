@@ -44,6 +44,9 @@ _BATCH_WINDOW_MS = flags.DEFINE_float("batch_window_ms", 5.0,
                                       "How long to wait for more requests to merge into a batch.")
 _MODEL_NAME = flags.DEFINE_string("model_name", None,
                                   "Model id on /v1/models; default: the checkpoint's dir name.")
+_MAX_BODY_MB = flags.DEFINE_float("max_body_mb", 8.0,
+                                  "Largest request body accepted (MiB); larger ones get 413 "
+                                  "unread.")
 
 
 def parse_mesh(spec: str):
@@ -86,7 +89,8 @@ def main(argv):
   model_name = _MODEL_NAME.value or os.path.basename(os.path.normpath(checkpoint))
   server_app = create_app(generator, api_key=api_key, max_batch_rows=_MAX_BATCH_ROWS.value,
                           batch_window_ms=_BATCH_WINDOW_MS.value, model_name=model_name,
-                          min_batch_rows=_MIN_BATCH_ROWS.value)
+                          min_batch_rows=_MIN_BATCH_ROWS.value,
+                          max_body_bytes=int(_MAX_BODY_MB.value * 2**20))
   host = f"[{_HOST.value}]" if ":" in _HOST.value else _HOST.value
   url = f"http://{host}:{_PORT.value}"
   logging.info("serving %s at %s: NeMo PUT %s/generate, OpenAI %s/v1 (%s)", model_name, url, url,

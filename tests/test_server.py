@@ -227,6 +227,15 @@ BAD_NEMO_REQUESTS = {
     "oversized prompt": {"sentences": ["ok", " ".join(["hello"] * 1100)], "tokens_to_generate": 1},
     "prompt + tokens too long": {"sentences": [" ".join(["hello"] * 200)],
                                  "tokens_to_generate": 1000},
+    # Past what the sampler holds (int32), nested past any request, not Unicode.
+    "top_k 2**31": {"sentences": ["hi"], "top_k": 2**31},
+    "top_k 2**40": {"sentences": ["hi"], "top_k": 2**40},
+    "min_tokens_to_generate 2**31": {"sentences": ["hi"], "min_tokens_to_generate": 2**31},
+    "tokens_to_generate 2**63": {"sentences": ["hi"], "tokens_to_generate": 2**63},
+    "random_seed 2**70": {"sentences": ["hi"], "random_seed": 2**70},
+    "nested 1e5 deep": b'{"sentences": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+    "lone surrogate": b'{"sentences": ["hi \\ud800 there"]}',
+    "prompt longer than any model": {"sentences": ["word " * 200000]},
 }
 
 BAD_OPENAI_REQUESTS = {
@@ -240,6 +249,12 @@ BAD_OPENAI_REQUESTS = {
     ("chat/completions", "bad role"): {"messages": [{"role": "robot", "content": "hi"}]},
     ("chat/completions", "n too big"): {"messages": [{"role": "user", "content": "hi"}],
                                         "n": 500},
+    ("completions", "top_k 2**31"): {"prompt": "hi", "top_k": 2**31},
+    ("completions", "min_tokens 2**40"): {"prompt": "hi", "min_tokens": 2**40},
+    ("completions", "seed 2**80"): {"prompt": "hi", "seed": 2**80},
+    ("completions", "nested 1e5 deep"): b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+    ("chat/completions", "lone surrogate"):
+        b'{"messages": [{"role": "user", "content": "a \\udc80 b"}]}',
 }
 
 
@@ -276,6 +291,51 @@ def test_bad_openai_requests_get_400_in_openai_shape(serve_url, case):
   assert reply.status_code == 400, reply.text
   error = reply.json()["error"]
   assert error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_fuzzed_numbers_name_their_field(serve_url):
+  error = lambda body: _send(f"{serve_url}/generate", "PUT", body).json()["error"]
+  assert "top_k" in error(BAD_NEMO_REQUESTS["top_k 2**31"]) and "2147483647" in error(
+      BAD_NEMO_REQUESTS["top_k 2**31"])
+  assert "min_tokens_to_generate" in error(BAD_NEMO_REQUESTS["min_tokens_to_generate 2**31"])
+  assert "nested too deeply" in error(BAD_NEMO_REQUESTS["nested 1e5 deep"])
+  assert "sentences[0] is not valid Unicode" in error(BAD_NEMO_REQUESTS["lone surrogate"])
+
+
+def test_openai_top_k_minus_one_means_off(serve_url):
+  body = {"prompt": "Hello there", "max_tokens": 4, "temperature": 0.7, "seed": 3}
+  off = _send(f"{serve_url}/v1/completions", "POST", {**body, "top_k": -1})
+  assert off.status_code == 200, off.text
+  zero = _send(f"{serve_url}/v1/completions", "POST", {**body, "top_k": 0})
+  assert off.json()["choices"][0]["text"] == zero.json()["choices"][0]["text"]
+
+
+def test_health_answers_fast_while_a_huge_request_is_handled(serve_url):
+  import threading
+  import time
+  # 30 MB: refused from its Content-Length, unread; 7 MB: parsed and its prompt (longer than
+  # the model holds) refused before tokenizing. Both off the event loop.
+  replies = {}
+
+  def send(name, size):
+    body = json.dumps({"sentences": ["word " * (size // 5)]}).encode()
+    replies[name] = requests.put(f"{serve_url}/generate", data=body, timeout=120,
+                                 headers={"Content-Type": "application/json"})
+
+  threads = [threading.Thread(target=send, args=(n, s)) for n, s in (("30MB", 30 * 2**20),
+                                                                     ("7MB", 7 * 2**20))]
+  for t in threads:
+    t.start()
+  latencies = []
+  while any(t.is_alive() for t in threads):
+    start = time.perf_counter()
+    assert requests.get(f"{serve_url}/health", timeout=10).status_code == 200
+    latencies.append(time.perf_counter() - start)
+  for t in threads:
+    t.join()
+  assert replies["30MB"].status_code == 413 and replies["7MB"].status_code == 400
+  assert "characters" in replies["7MB"].json()["error"]
+  assert latencies and max(latencies) < 0.1, max(latencies)
 
 
 def test_server_keeps_serving_after_bad_requests(serve_url):

@@ -69,6 +69,12 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16      # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 512           # OpenAI: "up to the context"; capped so N stays small
 # Top-logprob counts are compiled into the sampler: round requests up to few sizes.
 _TOP_LOGPROB_BUCKETS = (5, MAX_CHAT_TOP_LOGPROBS)
+# Integers the sampler holds as int32 (top_k, token counts); seeds are 64-bit.
+INT32_MAX = 2**31 - 1
+SEED_MAX = 2**63 - 1
+# A request body larger than this is refused from its Content-Length, unread: parsing
+# holds Python's GIL ~5 ms per MB, which must not starve /health and other requests.
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 
 
 class RequestError(Exception):
@@ -323,7 +329,7 @@ def _get_bool(body: dict, name: str, default: bool, message: str | None = None) 
 
 
 def _get_int(body: dict, name: str, default: int | None, message: str, *,
-             minimum: int | None = None, maximum: int | None = None,
+             minimum: int | None = None, maximum: int | None = INT32_MAX,
              allow_null: bool = True, integral_float: bool = False) -> int | None:
   value = body.get(name, _MISSING)
   if value is _MISSING or (value is None and allow_null):
@@ -332,8 +338,10 @@ def _get_int(body: dict, name: str, default: int | None, message: str, *,
     value = int(value)
   if isinstance(value, bool) or not isinstance(value, int):
     raise RequestError(f"{message} (got {_type_name(value)} {value!r})", param=name)
-  if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+  if minimum is not None and value < minimum:
     raise RequestError(f"{message} (got {value})", param=name)
+  if maximum is not None and value > maximum:
+    raise RequestError(f"{message}, at most {maximum} (got {value})", param=name)
   return value
 
 
@@ -384,6 +392,8 @@ def _json_body(raw: bytes, max_bytes: int) -> dict:
     body = json.loads(raw)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise RequestError(f"request body is not valid JSON: {e}") from None
+  except RecursionError:
+    raise RequestError("request body is nested too deeply to be a request") from None
   if not isinstance(body, dict):
     raise RequestError(f"request body must be a JSON object, got a JSON {_type_name(body)}")
   return body
@@ -439,7 +449,7 @@ def _usage(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Completion
 def create_app(generator: TextGenerator, *, api_key: str | None = None,
                max_batch_rows: int = 32, batch_window_ms: float = 5.0,
                model_name: str = "cai_jax", min_batch_rows: int = 1,
-               max_body_bytes: int = 32 * 2**20) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
   """The FastAPI app; its `BatchingWorker` thread starts now and stops at app shutdown.
 
   `app.state.stats` counts requests, batches and rows per batch.
@@ -480,22 +490,43 @@ def create_app(generator: TextGenerator, *, api_key: str | None = None,
     return wrap
 
   async def read_json(request: Request) -> dict:
+    """The body as a JSON object; parsed off the event loop, so a large body does not
+    hold up other requests (the size is capped before reading)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_body_bytes:
       raise RequestError(f"request body is {length} bytes; the limit is {max_body_bytes}",
                          status=413)
-    return _json_body(await request.body(), max_body_bytes)
+    return await asyncio.to_thread(_json_body, await request.body(), max_body_bytes)
 
   async def run(prompts, settings, **kwargs) -> list[Completion]:
     return await asyncio.wrap_future(worker.submit(prompts, settings, **kwargs))
 
-  def encode_checked(prompts, add_bos, max_new, label) -> list[list[int]]:
+  # No token is longer than this many characters, so a longer prompt cannot fit the model
+  # and is refused without being tokenized.
+  longest_piece = max(len(p) for p in generator.pieces(range(generator.tokenizer.vocab_size)))
+  max_prompt_chars = generator.max_positions * max(longest_piece, 1)
+
+  def _encode_checked(prompts, add_bos, max_new, label) -> list[list[int]]:
+    param = label.split("[")[0].split(" ")[0]
+    for i, p in enumerate(prompts):
+      if len(p) > max_prompt_chars:
+        raise RequestError(f"{label.format(i=i)} has {len(p)} characters: more than the "
+                           f"{generator.max_positions} tokens the model holds", param=param)
+      try:
+        p.encode("utf-8")
+      except UnicodeEncodeError as e:
+        raise RequestError(f"{label.format(i=i)} is not valid Unicode text ({e.reason} at "
+                           f"character {e.start})", param=param) from None
     try:
       ids = generator.encode_prompts(prompts, add_bos, what=label)
       generator.check_lengths(ids, max_new, what=label)
     except ValueError as e:
-      raise RequestError(str(e), param=label.split("[")[0].split(" ")[0]) from None
+      raise RequestError(str(e), param=param) from None
     return ids
+
+  async def encode_checked(prompts, add_bos, max_new, label) -> list[list[int]]:
+    """Checked prompt ids, tokenized off the event loop."""
+    return await asyncio.to_thread(_encode_checked, prompts, add_bos, max_new, label)
 
   # --- auth, 404/405 ---
 
@@ -602,9 +633,10 @@ def create_app(generator: TextGenerator, *, api_key: str | None = None,
     compute_logprob = _get_bool(body, "compute_logprob", False,
                                 "compute_logprob must be a boolean value")
     random_seed = _get_int(body, "random_seed", None,
-                           "random_seed must be a positive integer number or None", minimum=0)
+                           "random_seed must be a positive integer number or None", minimum=0,
+                           maximum=SEED_MAX)
 
-    prompt_ids = encode_checked(sentences, add_bos, tokens_to_generate, "sentences[{i}]")
+    prompt_ids = await encode_checked(sentences, add_bos, tokens_to_generate, "sentences[{i}]")
     if greedy:
       # NeMo's greedy path is a bare argmax: temperature, top-k/p and the
       # repetition penalty are not applied (the tutorial sends greedy=True
@@ -686,9 +718,9 @@ def create_app(generator: TextGenerator, *, api_key: str | None = None,
     top_p = _get_number(body, "top_p", 1.0, "top_p must be a number in (0, 1]",
                         minimum=0.0, maximum=1.0, exclusive_minimum=True)
     # Extensions (vLLM's names): top_k, repetition_penalty, min_tokens, add_bos.
-    top_k = _get_int(body, "top_k", 0, "top_k must be an integer no less than 0 (0 = off)",
-                     minimum=0)
-    if top_k == -1:
+    top_k = _get_int(body, "top_k", 0, "top_k must be an integer no less than -1 (0 or -1 = off)",
+                     minimum=-1)
+    if top_k == -1:   # vLLM's "off"
       top_k = 0
     repetition_penalty = _get_number(body, "repetition_penalty", 1.0,
                                      "repetition_penalty must be a positive number",
@@ -696,7 +728,8 @@ def create_app(generator: TextGenerator, *, api_key: str | None = None,
     min_tokens = _get_int(body, "min_tokens", 0, "min_tokens must be an integer no less than 0",
                           minimum=0)
     add_bos = _get_bool(body, "add_bos", False)
-    seed = _get_int(body, "seed", None, "seed must be an integer")
+    seed = _get_int(body, "seed", None, "seed must be an integer", minimum=-SEED_MAX - 1,
+                    maximum=SEED_MAX)
     greedy = temperature == 0.0
     if greedy:   # temperature 0 means argmax, as in OpenAI's API
       temperature, top_p, top_k = 1.0, 1.0, 0
@@ -728,7 +761,7 @@ def create_app(generator: TextGenerator, *, api_key: str | None = None,
                         minimum=0, maximum=MAX_COMPLETION_LOGPROBS)
     echo = _get_bool(body, "echo", False)
     stop = _get_stop(body)
-    prompt_ids = encode_checked(prompts, add_bos, max_tokens, "prompt[{i}]")
+    prompt_ids = await encode_checked(prompts, add_bos, max_tokens, "prompt[{i}]")
 
     rows = [p for p in prompts for _ in range(n)]
     settings.update(max_new_tokens=max_tokens, end_strings=stop,
@@ -814,10 +847,11 @@ def create_app(generator: TextGenerator, *, api_key: str | None = None,
     if top_logprobs is not None and not logprobs:
       raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
     stop = _get_stop(body)
+    label = "messages (rendered prompt {i})"
     if max_tokens is None:
-      prompt_len = len(generator.encode_prompts([prompt], add_bos)[0])
+      prompt_len = len((await encode_checked([prompt], add_bos, 0, label))[0])
       max_tokens = max(0, min(DEFAULT_CHAT_MAX_TOKENS, generator.max_positions - prompt_len))
-    prompt_ids = encode_checked([prompt], add_bos, max_tokens, "messages (rendered prompt {i})")
+    prompt_ids = await encode_checked([prompt], add_bos, max_tokens, label)
     eot = generator.template.end_of_turn
     settings.update(max_new_tokens=max_tokens, end_strings=[eot] + [s for s in stop if s != eot],
                     seed=[row_seed(seed, r) for r in range(n)])
