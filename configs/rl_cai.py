@@ -69,6 +69,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.pairing = "adjacent"        # adjacent (0-1, 2-3, as NeMo) | all | best_vs_worst
   c.min_confidence = 0.0        # drop pairs with |p - 0.5| below this
   c.prompts_per_step = 8        # prompts generated, judged and written per step
+  c.overlong = "drop"           # a prompt too long for a local policy: drop (counted) |
+                                # truncate | error (naming the file and line)
   c.prefix = "cai_rlaif"        # {prefix}_{train,test}_{prompts,comparisons}_with_chat_prompt.jsonl
   c.blend_with = ""             # a process_hh output dir; empty: no blend
   c.blend_prefix = "cai_preference_dataset"

@@ -50,6 +50,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.rounds = 1
   c.one_record_per_round = False
   c.batch_size = 32                     # prompts taken through all steps together
+  c.overlong = "drop"                   # a prompt too long for a local model: drop (counted in
+                                        # the raw file as status too_long) | truncate | error
   c.helpfulness_path = "data/sft_datablend_sample.jsonl"
   c.helpfulness_ratio = -1.0
   c.dataset_name = "sl_cai"

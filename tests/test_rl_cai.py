@@ -420,3 +420,29 @@ def test_stage_with_a_remote_judge(tmp_path, monkeypatch, rl_cai_serve):
   for split in ("train", "test"):
     for p in _pairs(report["outputs"][split]["comparisons"]):
       assert p["chosen"].endswith("GOOD reply" + END) and p["p_chosen"] == 1.0
+
+
+@pytest.mark.parametrize("overlong", ["error", "drop", "truncate"])
+def test_over_long_prompts_follow_config_overlong(tmp_path, rl_cai_model_dir, overlong):
+  from cai_jax.cai.backends import LocalBackend
+  prompts, _ = rl_cai.sources.read_red_team_prompts(str(RED_TEAM), limit=5)
+  long_prompt = ("Tell me everything about " + "bread and butter " * 800).strip()
+  path = tmp_path / "prompts.jsonl"
+  path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in [long_prompt] + prompts))
+  cfg = _config(tmp_path, red_team=str(path), overlong=overlong, test_fraction=0.0)
+  cfg.generation.max_new_tokens = 8
+  backend = LocalBackend.from_model_dir(rl_cai_model_dir, batch_size=8)
+  run = lambda: rl_cai.run_rl_cai(cfg, str(tmp_path / "w"), backend=backend,
+                                  judge=ScriptedJudge())
+  if overlong == "error":
+    with pytest.raises(DataError, match=r"prompts\.jsonl:1: the prompt is \d+ tokens"):
+      run()
+    return
+  report = run()
+  written = [r["text"] for _, r in read_records(report["outputs"]["train"]["prompts"])]
+  assert len(written) == (5 if overlong == "drop" else 6)
+  assert report["summary"]["dropped_overlong_prompts"] == (1 if overlong == "drop" else 0)
+  if overlong == "truncate":
+    (cut,) = [t for t in written if "bread and butter" in t]
+    assert backend.fits(cut, rl_cai.GenerationSettings(max_new_tokens=8))
+    assert len(cut) < len(long_prompt)

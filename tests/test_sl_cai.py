@@ -597,3 +597,34 @@ def test_tiny_model_through_our_server(tmp_path, sl_cai_server, kind):
                                "backend.retries": 0})
   summary = sl_cai.run_sl_cai(cfg, tmp_path / "out")
   _check_real_run(summary, tmp_path / "out")
+
+
+@pytest.mark.parametrize("overlong", ["error", "drop", "truncate"])
+def test_over_long_prompts_follow_config_overlong(tmp_path, sl_cai_model_dir, sp_model_path,
+                                                 overlong):
+  """A prompt longer than the model (1024 positions) among normal ones: an error naming its
+  file and line, a drop counted in the raw file, or a truncation that fits."""
+  prompts, _ = read_red_team_prompts(RED_TEAM, limit=7)
+  long_prompt = ("Tell me everything about " + "bread and butter " * 800).strip()
+  path = tmp_path / "prompts.jsonl"
+  path.write_text("".join(json.dumps({"prompt": p}) + "\n"
+                          for p in prompts[:3] + [long_prompt] + prompts[3:]))
+  cfg = _real_cfg(tmp_path, red_team_prompts=str(path), overlong=overlong, rounds=1,
+                  **{"backend.kind": "local", "backend.model_dir": sl_cai_model_dir,
+                     "backend.tokenizer": sp_model_path, "backend.batch_size": 32})
+  backend = make_backend(cfg.backend)
+  if overlong == "error":
+    with pytest.raises(DataError, match=rf"prompts\.jsonl:4: the prompt is \d+ tokens"):
+      sl_cai.run_sl_cai(cfg, tmp_path / "out", backend=backend)
+    return
+  summary = sl_cai.run_sl_cai(cfg, tmp_path / "out", backend=backend)
+  raw = {r["key"]: r for r in map(json.loads, (tmp_path / "out" / sl_cai.RAW_FILE)
+                                  .read_text().splitlines())}
+  record = raw[sl_cai.prompt_key(long_prompt)]
+  if overlong == "drop":
+    assert record["status"] == sl_cai.STATUS_TOO_LONG and record["prompt"] == long_prompt
+    assert summary["status"][sl_cai.STATUS_TOO_LONG] >= 1
+  else:
+    assert long_prompt.startswith(record["prompt"]) and len(record["prompt"]) < len(long_prompt)
+    assert record["response"] or record["status"] != "ok"
+  assert len(raw) == 8 and sum(r["status"] == "ok" for r in raw.values()) >= 4

@@ -62,6 +62,14 @@ class LocalBackend:
     return cls(TextGenerator.from_checkpoint(model_dir, tokenizer_path, mesh=mesh,
                                              template=template), batch_size)
 
+  def prompt_tokens(self, prompt: str) -> int:
+    """How many tokens `prompt` is for this model (remote backends cannot tell)."""
+    return len(self.generator.encode_prompts([prompt])[0])
+
+  def fits(self, prompt: str, settings: GenerationSettings) -> bool:
+    """Whether `prompt` and `settings.max_new_tokens` fit the model's positions."""
+    return self.prompt_tokens(prompt) + settings.max_new_tokens <= self.generator.max_positions
+
   def complete(self, prompts, settings: GenerationSettings, seeds) -> list[str]:
     out: list[str] = []
     for i in range(0, len(prompts), self.batch_size):
@@ -74,6 +82,39 @@ class LocalBackend:
           min_batch_bucket=self.batch_size)
       out.extend(c.text for c in completions)
     return out
+
+
+OVERLONG = ("drop", "truncate", "error")
+
+
+def fit_prompt(backend, render, text: str, settings: GenerationSettings, overlong: str,
+               where: str) -> str | None:
+  """`text` (a user message that `render` turns into the model's prompt) made to fit the
+  model with `settings.max_new_tokens` new tokens, by `overlong`:
+  "drop" -> None, "truncate" -> the longest prefix of `text` that fits, "error" ->
+  a DataError naming `where` (file:line). Backends that cannot count tokens (remote
+  ones: their server refuses over-long prompts itself) get `text` back unchanged."""
+  if overlong not in OVERLONG:
+    raise ValueError(f"overlong must be one of {', '.join(OVERLONG)}, got {overlong!r}")
+  fits = getattr(backend, "fits", None)
+  if fits is None or fits(render(text), settings):
+    return text
+  if overlong == "error":
+    from cai_jax.data.jsonl import DataError
+    raise DataError(f"{where}: the prompt is {backend.prompt_tokens(render(text))} tokens; with "
+                    f"{settings.max_new_tokens} new tokens it exceeds the model's "
+                    f"{backend.generator.max_positions} positions (set overlong=drop or "
+                    f"truncate, or shorten it)")
+  if overlong == "drop":
+    return None
+  lo, hi = 0, len(text)           # the longest prefix that fits: binary search on characters
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    if fits(render(text[:mid]), settings):
+      lo = mid
+    else:
+      hi = mid - 1
+  return text[:lo].rstrip() or None
 
 
 class NemoBackend:

@@ -51,7 +51,7 @@ from typing import Any, Mapping, Sequence
 from cai_jax import tokenizer as tokenizer_lib
 from cai_jax.cai import constitution, hh
 from cai_jax.cai import judge as judge_lib
-from cai_jax.cai.backends import GenerationSettings, LocalBackend, make_backend
+from cai_jax.cai.backends import GenerationSettings, LocalBackend, fit_prompt, make_backend
 from cai_jax.data import jsonl, sources
 
 RAW_NAME = "raw_judgments.jsonl"
@@ -446,13 +446,12 @@ def run_rl_cai(cfg, workdir: str, *, progress: bool = False, backend=None, judge
   blend_data = read_blend_sources(cfg.blend_with, template, cfg.system) if cfg.blend_with else None
   principles = constitution.load_comparison_principles(cfg.principles or None)
   examples = constitution.load_judge_few_shot(cfg.few_shot_path or None)
-  prompts, read_stats = sources.read_red_team_prompts(
-      cfg.red_team, limit=cfg.limit or None, shuffle=True, seed=cfg.seed)
+  prompts, read_stats, where = sources.read_red_team_prompts(
+      cfg.red_team, limit=cfg.limit or None, shuffle=True, seed=cfg.seed, with_lines=True)
   if not prompts:
     raise jsonl.DataError(f"{cfg.red_team}: no red-team prompts left to use ({read_stats})")
-  items = [Item(k, prompt_key(p), p, template.render_prompt([{"from": "User", "value": p}],
-                                                           cfg.system))
-           for k, p in enumerate(prompts)]
+  render = lambda text: template.render_prompt([{"from": "User", "value": text}], cfg.system)
+  items = [Item(k, prompt_key(p), p, render(p)) for k, p in enumerate(prompts)]
   split_of = {}
   for split, keys in hh.split_by_prompt([it.key for it in items], lambda k: k,
                                         cfg.test_fraction, cfg.seed).items():
@@ -468,8 +467,21 @@ def run_rl_cai(cfg, workdir: str, *, progress: bool = False, backend=None, judge
   with writer:
     resumed, discarded = len(writer), writer.discarded_stale
     todo = [it for it in items if it.key not in writer]
+    dropped_overlong = 0
     if todo:
       backend = backend or make_backend(cfg.policy, template=cfg.template)
+      # Over-long prompts (config.overlong), before any generation.
+      settings = GenerationSettings.from_config(cfg.generation)
+      fitted, dropped = {}, set()
+      for it in todo:
+        text = fit_prompt(backend, render, it.prompt, settings, cfg.overlong, where[it.index])
+        if text is None:
+          dropped.add(it.key)
+        elif text != it.prompt:
+          fitted[it.key] = dataclasses.replace(it, prompt=text, rendered=render(text))
+      dropped_overlong = len(dropped)
+      items = [fitted.get(it.key, it) for it in items if it.key not in dropped]
+      todo = [fitted.get(it.key, it) for it in todo if it.key not in dropped]
       judge = judge or _make_judge(cfg, backend, examples)
       from tqdm import tqdm
       with tqdm(total=len(items), initial=len(items) - len(todo), desc="rl_cai prompts",
@@ -504,6 +516,7 @@ def run_rl_cai(cfg, workdir: str, *, progress: bool = False, backend=None, judge
   summary["prompts_by_split"] = {s: sum(1 for it in items if split_of[it.key] == s)
                                  for s in hh.SPLITS}
   summary["resumed_prompts"] = resumed
+  summary["dropped_overlong_prompts"] = dropped_overlong
   summary["discarded_stale_partial"] = discarded
   summary["red_team"] = read_stats
   report = {"stage": "rl_cai", "summary": summary, "outputs": outputs,

@@ -41,7 +41,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 from cai_jax.cai import constitution as constitution_lib
-from cai_jax.cai.backends import Backend, GenerationSettings
+from cai_jax.cai.backends import Backend, GenerationSettings, fit_prompt
 from cai_jax.data import jsonl, sources
 from cai_jax.tokenizer import ChatTemplate, get_template
 
@@ -55,7 +55,9 @@ STATUS_OK = "ok"
 STATUS_EMPTY_RESPONSE = "empty_response"
 STATUS_EMPTY_CRITIQUE = "empty_critique"
 STATUS_EMPTY_REVISION = "empty_revision"
-STATUSES = (STATUS_OK, STATUS_EMPTY_RESPONSE, STATUS_EMPTY_CRITIQUE, STATUS_EMPTY_REVISION)
+STATUS_TOO_LONG = "too_long"      # a step's prompt outgrew the model (config.overlong)
+STATUSES = (STATUS_OK, STATUS_EMPTY_RESPONSE, STATUS_EMPTY_CRITIQUE, STATUS_EMPTY_REVISION,
+            STATUS_TOO_LONG)
 
 
 # ----------------------------------------------------------------------------
@@ -192,8 +194,16 @@ def critique_and_revise(backend: Backend, prompts: Sequence[str], *,
                          f"{len(texts)} texts for {len(active)} prompts")
     return [clean_generation(t, end_strings) for t in texts]
 
+  fits = getattr(backend, "fits", None)
+
   def step(active: list[_Chain], index: int, field: str, empty: str) -> list[_Chain]:
-    """Generates `field` (response, or the current round's critique/revision) for `active`."""
+    """Generates `field` (response, or the current round's critique/revision) for `active`.
+    A chain whose prompt no longer fits the model (a local backend can tell) stops here."""
+    if fits is not None:
+      for chain in active:
+        if not fits(template.render_prompt(chain.turns, system), settings):
+          chain.status = STATUS_TOO_LONG
+      active = [c for c in active if c.status == STATUS_OK]
     for chain, text in zip(active, generate(active, index) if active else []):
       if field == "response":
         chain.response = text
@@ -364,9 +374,9 @@ def run_sl_cai(cfg, workdir: str | os.PathLike, *, backend: Backend | None = Non
   few_shot = constitution_lib.load_few_shot(_opt_path(cfg.few_shot_path))
   if cfg.num_few_shot >= 0:
     few_shot = few_shot[:cfg.num_few_shot]
-  prompts, prompt_stats = sources.read_red_team_prompts(
+  prompts, prompt_stats, where = sources.read_red_team_prompts(
       cfg.red_team_prompts, limit=_limit(cfg.limit), shuffle=cfg.shuffle, seed=cfg.seed,
-      split=cfg.red_team_split)
+      split=cfg.red_team_split, with_lines=True)
   helpfulness, help_stats = ([], None)
   if cfg.helpfulness_path:
     helpfulness, help_stats = sources.read_chat_records(cfg.helpfulness_path)
@@ -395,6 +405,19 @@ def run_sl_cai(cfg, workdir: str | os.PathLike, *, backend: Backend | None = Non
         from cai_jax import parallel  # pylint: disable=import-outside-toplevel  (jax: local only)
         mesh = parallel.create_mesh(cfg.mesh.to_dict())
       backend = make_backend(cfg.backend, mesh=mesh, template=cfg.template)
+    # Over-long prompts (config.overlong), before any generation: the first step's
+    # prompt is the few-shot prefix plus the red-team prompt.
+    prefix = few_shot_turns(few_shot)
+    render = lambda text: template.render_prompt(prefix + [_turn("User", text)], cfg.system)
+    fitted = []
+    for i, k, p in todo:
+      fitted_prompt = fit_prompt(backend, render, p, settings, cfg.get("overlong", "drop"),
+                                 where[i])
+      if fitted_prompt is None:
+        writer.write(_Chain(i, k, p, [], [], status=STATUS_TOO_LONG).record(cfg.rounds))
+      else:
+        fitted.append((i, k, fitted_prompt))
+    todo = fitted
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     with tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="prompt",
               desc="SL-CAI", disable=not cfg.progress, dynamic_ncols=True) as bar:

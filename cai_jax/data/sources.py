@@ -144,7 +144,7 @@ def _first_human_turn(text: str) -> tuple[str | None, str | None]:
 def read_red_team_prompts(source: str | os.PathLike, *, limit: int | None = None,
                           shuffle: bool = False, seed: int = 0,
                           data_dir: str | None = None,
-                          split: str = "train") -> tuple[list[str], dict]:
+                          split: str = "train", with_lines: bool = False):
   """Red-team prompts: the first human turn of each transcript, stripped.
 
   `source` is a local file of red-team records (`transcript` field, as
@@ -159,6 +159,8 @@ def read_red_team_prompts(source: str | os.PathLike, *, limit: int | None = None
   Then, optionally, a shuffle seeded by `seed`, then the first `limit`:
   shuffling before limiting makes a small run a random sample rather than
   the file's first rows. The result depends only on the input and arguments.
+  Returns `(prompts, stats)`, or with `with_lines` `(prompts, stats, where)`:
+  `where[i]` is `"file:line"` of prompt i, for errors that name it.
   """
   if limit is not None and limit < 0:
     raise ValueError(f"limit must be >= 0 or None, got {limit}")
@@ -168,6 +170,7 @@ def read_red_team_prompts(source: str | os.PathLike, *, limit: int | None = None
   stats: dict[str, int] = {"records": 0, "no_human_turn": 0, "empty_prompt": 0,
                            "malformed": 0, "duplicates": 0}
   prompts: list[str] = []
+  where: dict[str, str] = {}
   seen: set[str] = set()
   for line, record in records:
     stats["records"] += 1
@@ -188,12 +191,15 @@ def read_red_team_prompts(source: str | os.PathLike, *, limit: int | None = None
       continue
     seen.add(prompt)
     prompts.append(prompt)
+    where[prompt] = f"{label}:{line}"
   stats["unique"] = len(prompts)
   if shuffle:
     random.Random(seed).shuffle(prompts)
   if limit is not None:
     prompts = prompts[:limit]
   stats["prompts"] = len(prompts)
+  if with_lines:
+    return prompts, stats, [where[p] for p in prompts]
   return prompts, stats
 
 
