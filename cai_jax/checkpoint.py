@@ -98,7 +98,12 @@ def _read_hf_json(path: str) -> dict:
   if not os.path.isdir(path):
     raise CheckpointError(f"{path}: not a directory")
   if not os.path.exists(cfg_path):
-    raise CheckpointError(f"{cfg_path}: missing; an HF Mistral checkpoint directory needs config.json")
+    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+      raise CheckpointError(f"{cfg_path}: missing; {path} holds cai_jax orbax params/ but not "
+                            f"the config.json written with them (an interrupted save_model?): "
+                            f"re-export the model")
+    raise CheckpointError(f"{cfg_path}: missing; an HF Mistral checkpoint directory needs "
+                          f"config.json (and a cai_jax model directory config.json + params/)")
   try:
     with open(cfg_path) as f:
       return json.load(f)
@@ -332,14 +337,20 @@ def restore_params(path: str, target=None):
   if not os.path.isdir(path):
     raise CheckpointError(f"{path}: no orbax checkpoint here")
   with ocp.StandardCheckpointer() as ckptr:
-    if target is None:
-      meta = ckptr.metadata(path)
-      tree = getattr(meta, "item_metadata", meta)
-      target = jax.tree_util.tree_map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
-                                         sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-          tree)
-    return ckptr.restore(path, target)
+    try:
+      if target is None:
+        meta = ckptr.metadata(path)
+        tree = getattr(meta, "item_metadata", meta)
+        target = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(
+                m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+            tree)
+      return ckptr.restore(path, target)
+    except (ValueError, OSError, KeyError, TypeError, FileNotFoundError) as e:
+      # orbax / tensorstore errors carry kilobytes of spec: keep the first line.
+      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+      raise CheckpointError(f"{path}: orbax params cannot be restored (truncated or corrupt "
+                            f"checkpoint?): {first}") from None
 
 
 def save_model(path: str, config: MistralConfig, params, *, head: str = "lm") -> None:

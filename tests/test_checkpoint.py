@@ -319,3 +319,26 @@ def test_save_hf_failing_midway_leaves_nothing_behind(tmp_path, monkeypatch):
   assert len(calls) == 3  # two shards were written before the failure
   assert os.listdir(out_parent) == ["model"]
   _assert_same_tensors(before, hf_utils.read_safetensors_dir(out_parent / "model"))
+
+
+def test_broken_model_dirs_get_short_messages_that_say_what_they_are(tmp_path):
+  import glob
+
+  from cai_jax import parallel
+  from configs.models import model_config
+  cfg = model_config("tiny")
+  mesh = parallel.create_mesh([1, 1, 1], devices=jax.devices()[:1])
+  params, _ = parallel.init_params(cfg, mesh, jax.random.PRNGKey(0))
+  path = str(tmp_path / "model")
+  checkpoint.save_model(path, cfg, params)
+  for f in glob.glob(path + "/params/**/manifest.ocdbt", recursive=True):
+    with open(f, "r+b") as fh:
+      fh.truncate(10)                     # a copy cut short
+  with pytest.raises(checkpoint.CheckpointError) as err:
+    checkpoint.load_model(path)
+  msg = str(err.value)
+  assert "orbax params cannot be restored (truncated or corrupt checkpoint?)" in msg
+  assert len(msg) < 600 and "\n" not in msg
+  os.remove(os.path.join(path, "config.json"))
+  with pytest.raises(checkpoint.CheckpointError, match="holds cai_jax orbax params/ but not"):
+    checkpoint.load_model(path)
