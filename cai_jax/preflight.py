@@ -169,7 +169,8 @@ _GENERATION = {"max_new_tokens": _int(1), "greedy": ("bool", None),
                "temperature": _real(0.0), "top_k": _int(-1), "top_p": _real(0.0, 1.0,
                                                                               open_lo=True),
                "repetition_penalty": _real(0.0, None, open_lo=True), "min_new_tokens": _int(0)}
-_GUARD = {"loss_spike": _real(0.0), "spike_window": _int(1), "min_history": _int(1),
+_GUARD = {"loss_spike": _real(0.0), "loss_spike_min_delta": _real(0.0),
+          "spike_window": _int(1), "min_history": _int(1),
           "max_param_norm_growth": _real(0.0), "max_kl_per_sequence": _real(0.0),
           "min_entropy": _real(0.0), "max_entropy_fraction": _real(0.0, 1.0)}
 _TRAINING = {"max_seq_len": _int(2), "global_batch_size": _int(1), "micro_batch_size": _int(0),

@@ -482,7 +482,8 @@ class ChatTemplate:
 
   Encoding (`encode`): the text is cut before and after every special string
   of the tokenizer and every `markers` string (a marker the vocabulary lacks
-  is then always spelled by the same tokens, wherever it stands), and after
+  is then spelled by the same tokens wherever it stands, `marker_ids`, except
+  at the very start of a text, where a dummy-prefix tokenizer adds "▁"), and after
   every `chunk_after` string. With `fresh_chunks` every chunk is encoded as a
   text of its own (SentencePiece's dummy prefix applies to each, as
   mistral_common encodes each message); otherwise only a chunk at the start of

@@ -23,7 +23,8 @@ def guard_config(*, loss_spike: float = 10.0, max_param_norm_growth: float = 10.
   """Divergence guard (cai_jax.train.loop.DivergenceGuard); each bound is off at 0.
 
   loss_spike: a loss (PPO: value loss) above this multiple of its running median
-  over the last spike_window values, once min_history are known.
+  over the last spike_window values (and above it by more than loss_spike_min_delta),
+  once min_history are known.
   max_param_norm_growth: a param norm above this multiple of its first value.
   PPO only: max_kl_per_sequence (nats per response), min_entropy (nats per token),
   max_entropy_fraction (of ln(vocab)). A run stopped by the guard keeps its last
@@ -31,7 +32,7 @@ def guard_config(*, loss_spike: float = 10.0, max_param_norm_growth: float = 10.
   not part of the run identity).
   """
   return ml_collections.ConfigDict(dict(
-      loss_spike=loss_spike, spike_window=50, min_history=10,
+      loss_spike=loss_spike, loss_spike_min_delta=1.0, spike_window=50, min_history=10,
       max_param_norm_growth=max_param_norm_growth, max_kl_per_sequence=max_kl_per_sequence,
       min_entropy=min_entropy, max_entropy_fraction=max_entropy_fraction))
 

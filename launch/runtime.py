@@ -11,22 +11,37 @@ import sys
 from absl import logging
 
 
+def _bad_override(e: Exception, where: str) -> str:
+  # ml_collections nests the KeyError's repr in the AttributeError: unquote it.
+  detail = re.sub(r"\\?'", "", str(e)).replace("\\n", " ").replace("\n", " ").strip("\" ")
+  if isinstance(e, (AttributeError, KeyError)):
+    detail = f"unknown config field {detail}"
+  given = [a for a in sys.argv[1:] if a.startswith("--config")]
+  return (f"{os.path.basename(sys.argv[0])}: bad --config: {detail} "
+          f"(given: {' '.join(given) or 'none'}; field names are those of {where})")
+
+
 def define_config(default: str, help_text: str):
   """`--config` (an ml_collections config file and `--config.x=y` overrides), with a clean
-  error for a bad override: absl applies overrides while this module is imported, and a
-  mistyped field would otherwise end in a traceback saying only `AttributeError: "'typo'"`."""
+  error for a bad override or preset: absl applies them while this module is imported (the
+  default file) or while flags are parsed (`parse_flags`), and a mistyped field would
+  otherwise end in a traceback saying only `AttributeError: "'typo'"`."""
   from ml_collections import config_flags
   try:
     return config_flags.DEFINE_config_file("config", default, help_text, lock_config=True)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
-    # ml_collections nests the KeyError's repr in the AttributeError: unquote it.
-    detail = re.sub(r"\\?'", "", str(e)).replace("\\n", " ").replace("\n", " ").strip("\" ")
-    given = [a for a in sys.argv[1:] if a.startswith("--config")]
-    if isinstance(e, (AttributeError, KeyError)):
-      detail = f"unknown config field {detail}"
-    sys.exit(f"{os.path.basename(sys.argv[0])}: bad --config override: {detail} "
-             f"(overrides given: {' '.join(given) or 'none'}; field names are those of "
-             f"{default.split(':')[0]})")
+    sys.exit(_bad_override(e, default.split(":")[0]))
+
+
+def parse_flags(argv):
+  """`app.run(main, flags_parser=runtime.parse_flags)`: absl's parser, with bad config
+  overrides and presets reported in one line."""
+  from absl import app
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    config = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "--config")
+    sys.exit(_bad_override(e, config.split(":")[0]))
 
 
 def setup() -> None:

@@ -9,8 +9,8 @@ from launch import runtime
 
 _CONFIG = runtime.define_config("configs/rm.py:tiny", "Reward model config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
-_FORCE = flags.DEFINE_bool("force", False, "Delete a run of another config or other inputs in "
-                           "--workdir and start afresh (without it such a workdir is refused).")
+_FORCE = flags.DEFINE_bool("force", False, "If --workdir holds a run of another config or "
+                           "inputs, delete its outputs and start afresh (else it is refused).")
 
 
 def main(argv):
@@ -25,4 +25,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=runtime.parse_flags)

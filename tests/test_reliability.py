@@ -69,11 +69,25 @@ def test_an_edited_input_file_is_another_run(sp_model_path, tmp_path):
   data = tmp_path / "train.jsonl"
   data.write_text(open(train_worker.SFT_DATA).read())
   cfg = _sft_cfg(sp_model_path, train_file=str(data))
-  identity.claim_workdir(str(tmp_path / "w"), cfg, {"train_file": str(data)})
+  work = tmp_path / "w"
+  assert identity.claim_workdir(str(work), cfg, {"train_file": str(data)}) == "new"
+  # A start that died before its first checkpoint pins nothing: another config takes over.
+  other = _sft_cfg(sp_model_path, train_file=str(data), seed=3)
+  assert identity.claim_workdir(str(work), other, {"train_file": str(data)}) == "new"
+  os.makedirs(work / "checkpoints" / "2")               # now the run has saved something
+  (work / "notes.txt").write_text("mine")
   with open(data, "a") as f:
     f.write(open(train_worker.SFT_DATA).readline())
   with pytest.raises(identity.RunIdentityError, match="train_file: its content changed"):
-    identity.claim_workdir(str(tmp_path / "w"), cfg, {"train_file": str(data)})
+    identity.claim_workdir(str(work), other, {"train_file": str(data)})
+  # --force deletes the run's outputs, and nothing else; never a directory holding an input.
+  assert identity.claim_workdir(str(work), other, {"train_file": str(data)},
+                                force=True) == "forced"
+  assert sorted(os.listdir(work)) == ["notes.txt", "run_identity.json"]
+  os.makedirs(tmp_path / "checkpoints" / "1")            # a run in the directory of the input
+  with pytest.raises(identity.RunIdentityError, match="the input train_file=.* lives in it"):
+    identity.claim_workdir(str(tmp_path), cfg, {"train_file": str(data)}, force=True)
+  assert data.exists()
 
 
 # --- nonsense values ----------------------------------------------------------------

@@ -467,21 +467,32 @@ def run_rl_cai(cfg, workdir: str, *, progress: bool = False, backend=None, judge
   with writer:
     resumed, discarded = len(writer), writer.discarded_stale
     todo = [it for it in items if it.key not in writer]
-    dropped_overlong = 0
     if todo:
       backend = backend or make_backend(cfg.policy, template=cfg.template)
-      # Over-long prompts (config.overlong), before any generation.
+      # Over-long prompts (config.overlong), before any generation; a dropped one is
+      # recorded, so that a resumed run neither retries it nor loads a model for it.
       settings = GenerationSettings.from_config(cfg.generation)
-      fitted, dropped = {}, set()
+      fitted = []
       for it in todo:
         text = fit_prompt(backend, render, it.prompt, settings, cfg.overlong, where[it.index])
         if text is None:
-          dropped.add(it.key)
-        elif text != it.prompt:
-          fitted[it.key] = dataclasses.replace(it, prompt=text, rendered=render(text))
-      dropped_overlong = len(dropped)
-      items = [fitted.get(it.key, it) for it in items if it.key not in dropped]
-      todo = [fitted.get(it.key, it) for it in todo if it.key not in dropped]
+          writer.write({"key": it.key, "index": it.index, "prompt": it.prompt,
+                        "dropped": "too_long"})
+        else:
+          fitted.append(it if text == it.prompt else
+                        dataclasses.replace(it, prompt=text, rendered=render(text)))
+      todo = fitted
+    # Prompts as generated from: truncated ones as recorded (by this run or the one
+    # resumed); dropped ones leave every output.
+    now = {it.key: it for it in todo}
+    done = {r["key"]: r for r in writer.records()}
+    too_long = {k for k, r in done.items() if r.get("dropped") == "too_long"}
+    items = [now.get(it.key) or (
+        it if it.key not in done or done[it.key]["prompt"] == it.prompt else
+        dataclasses.replace(it, prompt=done[it.key]["prompt"],
+                            rendered=render(done[it.key]["prompt"])))
+             for it in items if it.key not in too_long]
+    if todo:
       judge = judge or _make_judge(cfg, backend, examples)
       from tqdm import tqdm
       with tqdm(total=len(items), initial=len(items) - len(todo), desc="rl_cai prompts",
@@ -494,6 +505,7 @@ def run_rl_cai(cfg, workdir: str, *, progress: bool = False, backend=None, judge
           bar.update(len(step))
     wanted = {it.key for it in items}
     records = [r for r in writer.records() if r["key"] in wanted]
+    dropped_overlong = len(too_long)
     raw_path = writer.finalize()
 
   pairs, summary = preference_pairs(records, template, split_of, system=cfg.system,

@@ -303,6 +303,7 @@ def generation_fingerprint(cfg, inputs: Mapping[str, str]) -> str:
       "seed": cfg.seed, "rounds": cfg.rounds, "template": cfg.template, "system": cfg.system,
       "generation": cfg.generation.to_dict(),
       "model": [b.kind, b.model_dir, b.tokenizer, b.model if b.kind == "openai" else ""],
+      "overlong": cfg.get("overlong", "drop"),
   }
   return jsonl.config_fingerprint(relevant)
 

@@ -383,6 +383,9 @@ def tokenize_pairs(pairs: Sequence[Mapping[str, Any]], tokenizer, template, *, m
     for field in ("chosen", "rejected"):
       if not isinstance(pair.get(field), str):
         raise DataError(f"comparison pair {index}: field '{field}' must be a string")
+      if not pair[field]:
+        raise DataError(f"comparison pair {index}: field '{field}' is empty; a comparison "
+                        f"text is a whole rendered conversation")
     chosen = template.encode(tokenizer, pair["chosen"])
     rejected = template.encode(tokenizer, pair["rejected"])
     if len(chosen) > max_seq_len or len(rejected) > max_seq_len:

@@ -225,11 +225,20 @@ def _fsync_dir(directory: str) -> None:
       os.close(fd)
 
 
-def default_file_mode() -> int:
-  """The mode `open()` gives a new file under the current umask (0644 under umask 022)."""
+def _read_umask() -> int:
   mask = os.umask(0)
   os.umask(mask)
-  return 0o666 & ~mask
+  return mask
+
+
+# Read once, at import: os.umask can only be read by setting it, which would race
+# with files other threads create (orbax's async saves, TensorBoard, the server).
+_UMASK = _read_umask()
+
+
+def default_file_mode() -> int:
+  """The mode `open()` gives a new file under the umask (0644 under umask 022)."""
+  return 0o666 & ~_UMASK
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -498,6 +498,14 @@ def create_app(generator: TextGenerator, *, api_key: str | None = None,
                          status=413)
     return await asyncio.to_thread(_json_body, await request.body(), max_body_bytes)
 
+  bos_text = (generator.tokenizer.id_to_token(generator.tokenizer.bos_id)
+              if generator.tokenizer.bos_id >= 0 else None)
+
+  def bos_added(add_bos: bool, prompt: str) -> bool:
+    """Whether the prompt's first token is a bos that add_bos put there (it has no text);
+    a prompt that writes `<s>` itself keeps it as text, and gets no second one."""
+    return add_bos and not (bos_text and prompt.startswith(bos_text))
+
   async def run(prompts, settings, **kwargs) -> list[Completion]:
     return await asyncio.wrap_future(worker.submit(prompts, settings, **kwargs))
 
@@ -670,7 +678,7 @@ def create_app(generator: TextGenerator, *, api_key: str | None = None,
            "offsets": []}
     for prompt, c in zip(sentences, completions):
       completion_text, silent = c.raw_text, set()
-      if add_bos:
+      if bos_added(add_bos, prompt):
         silent.add(0)
       if c.token_ids and c.token_ids[-1] == eos_id and c.finish_reason == "stop":
         completion_text = completion_text[:len(completion_text) - len(c.tokens[-1])]
@@ -780,7 +788,7 @@ def create_app(generator: TextGenerator, *, api_key: str | None = None,
         tops: list[dict | None] = [_top_list(t, logprobs, tok, lp) for t, tok, lp in zip(
             c.top_logprobs or [None] * m, tokens, token_lps)]
         if echo:
-          silent = [0] if add_bos else []
+          silent = [0] if bos_added(add_bos, row_prompt) else []
           offsets = _text_offsets(c.prompt_tokens + tokens, 0, silent)
           tokens = c.prompt_tokens + tokens
           token_lps = [None] + list(c.prompt_logprobs[1:]) + token_lps

@@ -7,9 +7,9 @@ first time and compares it on every later start:
 - the same identity resumes from the newest checkpoint (or, if the run is
   complete, re-exports exactly what it trained);
 - another identity is refused before any work, naming the fields that differ,
-  unless `force=True` (the CLIs' `--force`), which clears the workdir and starts
-  the new run afresh. A manifest therefore never describes weights that a
-  different config produced.
+  unless `force=True` (the CLIs' `--force`), which deletes that run's outputs
+  and starts the new run afresh. A manifest therefore never describes weights
+  that a different config produced. (`force` with the same identity resumes.)
 
 Fields that only say how long to train or how often to log, evaluate and save
 (`RESUMABLE_FIELDS`) are not part of the identity: a finished run of N steps
@@ -70,56 +70,102 @@ def differences(recorded: dict, current: dict) -> list[str]:
   return out
 
 
+# What a training stage writes in its workdir: all that `force` may delete.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "model", "hf", "report.json",
+               "manifest.json", "samples.jsonl", IDENTITY_FILE)
+
+
 def _stale_temporaries(workdir: str) -> list[str]:
-  """Half-written files of an atomic write killed mid-way (`*.tmp`), outside checkpoints/."""
+  """Half-written files a killed atomic write of this stage left (`NAME.*.tmp`, `NAME.tmp`)
+  in the workdir and its exported model directories; orbax cleans checkpoints/ itself."""
   found = []
-  for root, dirs, files in os.walk(workdir):
-    dirs[:] = [d for d in dirs if d != "checkpoints"]   # orbax cleans its own
-    found += [os.path.join(root, f) for f in files if f.endswith(".tmp")]
+  for sub in ("", "model", "hf"):
+    folder = os.path.join(workdir, sub)
+    if os.path.isdir(folder):
+      found += [os.path.join(folder, f) for f in os.listdir(folder)
+                if f.endswith(".tmp") and os.path.isfile(os.path.join(folder, f))]
   return found
+
+
+def _has_work(workdir: str) -> bool:
+  """Whether a run already produced something here (a checkpoint or a finished result)."""
+  ckpt = os.path.join(workdir, "checkpoints")
+  return (os.path.exists(os.path.join(workdir, "manifest.json"))
+          or (os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))))
+
+
+def _check_deletable(workdir: str, inputs: Mapping[str, str]) -> None:
+  """`force` deletes a run's outputs; never a directory that holds more than a run."""
+  here = os.path.realpath(workdir)
+  for danger in ("/", os.path.expanduser("~"), os.getcwd()):
+    if here == os.path.realpath(danger) or os.path.realpath(danger).startswith(here + os.sep):
+      raise RunIdentityError(f"--force refuses to clear {workdir}: it is (or contains) "
+                             f"{danger}; give the stage its own --workdir")
+  for name, src in inputs.items():
+    if src and os.path.realpath(os.fspath(src)).startswith(here + os.sep):
+      raise RunIdentityError(f"--force refuses to clear {workdir}: the input {name}={src} "
+                             f"lives in it")
+
+
+def _barrier(name: str) -> None:
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def claim_workdir(workdir: str, config: Any, inputs: Mapping[str, str], *, force: bool = False,
                   lead: bool = True) -> str:
   """Checks (or records) the run identity of `workdir`; returns "new", "resume" or "forced".
 
-  Raises `RunIdentityError` when the workdir holds a run with another identity
-  and `force` is off. Only the `lead` process writes or deletes; every process
-  checks. Also removes `*.tmp` files a killed atomic write left behind.
+  A workdir where a run has produced something (a checkpoint, a manifest) and whose
+  identity differs is refused with `RunIdentityError`, unless `force`: then that
+  run's outputs (`RUN_OUTPUTS`, nothing else) are deleted first. A workdir with
+  nothing of value yet (a start that died before its first checkpoint) simply
+  takes the new identity. Checkpoints of unknown identity (no record, no
+  manifest) are refused too. Only the `lead` process writes or deletes; every
+  process checks and then waits for the others. Also removes the `*.tmp` files a
+  killed atomic write left behind.
   """
   path = os.path.join(workdir, IDENTITY_FILE)
   current = run_identity(config, inputs)
-  if force:
-    if lead and os.path.isdir(workdir):
-      for name in os.listdir(workdir):
+  recorded = None
+  if os.path.exists(path):
+    recorded = jsonl.read_json(path)
+  else:
+    # A workdir from before identities were recorded: its manifest holds the config.
+    manifest = jsonl.read_manifest(workdir)
+    if manifest and isinstance(manifest.get("config"), dict):
+      recorded = {"config": {k: v for k, v in manifest["config"].items()
+                             if k not in RESUMABLE_FIELDS},
+                  "inputs": current["inputs"]}
+  work = _has_work(workdir)
+  if recorded is None:
+    diff = ["the checkpoints here have no recorded config"] if work else []
+  else:
+    diff = differences(recorded, current) if work else []
+  if not diff:
+    status = "resume" if work else "new"
+  elif force:
+    _check_deletable(workdir, inputs)
+    if lead:
+      for name in RUN_OUTPUTS:
         full = os.path.join(workdir, name)
-        shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.remove(full)
+        if os.path.isdir(full) and not os.path.islink(full):
+          shutil.rmtree(full)
+        elif os.path.lexists(full):
+          os.remove(full)
     status = "forced"
   else:
-    recorded = None
-    if os.path.exists(path):
-      recorded = jsonl.read_json(path)
-    else:
-      # A workdir from before identities were recorded: its manifest holds the config.
-      manifest = jsonl.read_manifest(workdir)
-      if manifest and isinstance(manifest.get("config"), dict):
-        recorded = {"config": {k: v for k, v in manifest["config"].items()
-                               if k not in RESUMABLE_FIELDS},
-                    "inputs": current["inputs"]}
-    if recorded is not None:
-      diff = differences(recorded, current)
-      if diff:
-        shown = "; ".join(diff[:12]) + (f"; and {len(diff) - 12} more" if len(diff) > 12 else "")
-        raise RunIdentityError(
-            f"{workdir} holds another run ({shown}). Rerun with the same config and inputs to "
-            f"resume it, use another --workdir, or pass --force to delete it and start afresh "
-            f"(launch.pipeline: --force=STAGE).")
-      status = "resume"
-    else:
-      status = "new"
+    shown = "; ".join(diff[:12]) + (f"; and {len(diff) - 12} more" if len(diff) > 12 else "")
+    raise RunIdentityError(
+        f"{workdir} holds another run ({shown}). Rerun with the same config and inputs to "
+        f"resume it, use another --workdir, or pass --force to delete it and start afresh "
+        f"(launch.pipeline: --force=STAGE).")
   if lead:
     for tmp in _stale_temporaries(workdir):
       os.remove(tmp)
     if status != "resume" or not os.path.exists(path):
       jsonl.atomic_write_json(path, current)
+  _barrier("claim_workdir")
   return status

@@ -49,7 +49,8 @@ class DivergenceGuard:
   bounds (or None). Bounds, each off at 0:
   - `loss_spike`: a spike metric (SFT/RM `loss`, PPO `value_loss`) above this
     multiple of the median of its last `spike_window` values (once
-    `min_history` are known);
+    `min_history` are known) and above it by more than `loss_spike_min_delta`
+    (a loss near 0 may jump tenfold on an ordinary hard batch);
   - `max_param_norm_growth`: a param norm (`param_norm`, PPO's
     `actor_param_norm`/`critic_param_norm`) above this multiple of its first value;
   - PPO: `max_kl_per_sequence` (nats per response), `min_entropy` (nats per
@@ -63,6 +64,7 @@ class DivergenceGuard:
                state: dict | None = None):
     get = (lambda k, d: cfg.get(k, d)) if cfg is not None else (lambda k, d: d)
     self.loss_spike = float(get("loss_spike", 0.0))
+    self.spike_min_delta = float(get("loss_spike_min_delta", 0.0))
     self.window = int(get("spike_window", 50))
     self.min_history = int(get("min_history", 10))
     self.norm_growth = float(get("max_param_norm_growth", 0.0))
@@ -88,7 +90,7 @@ class DivergenceGuard:
         continue
       if self.loss_spike and len(past) >= self.min_history:
         median = float(np.median(past))
-        if median > 0 and v > self.loss_spike * median:
+        if median > 0 and v > self.loss_spike * median and v - median > self.spike_min_delta:
           return (f"{k}={v:.4g} at step {step} is {v / median:.1f}x its running median "
                   f"{median:.4g} (guard.loss_spike={self.loss_spike:g})")
       past.append(v)

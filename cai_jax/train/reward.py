@@ -166,6 +166,8 @@ class RewardScorer:
 
   def encode(self, text: str) -> list[int]:
     ids = self.template.encode(self.tokenizer, text)
+    if not ids:
+      raise ValueError("RewardScorer: an empty text has no last token to read a reward at")
     if len(ids) > self.max_seq_len:
       ids = batching.truncate_keep_end(ids, self.max_seq_len,
                                        self.template.end_of_turn_ids(self.tokenizer))
