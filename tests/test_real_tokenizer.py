@@ -253,6 +253,7 @@ def _last_token_reward(seq, valid, positions, last_col):
   return jnp.take_along_axis(seq, last_col[:, None], axis=1)[:, 0].astype(jnp.float32)
 
 
+@pytest.mark.slow
 def test_ppo_stops_on_the_multi_token_marker_and_reads_its_last_token(
     sft_model, mistral_v1_path, mistral_tokenizer, tmp_path):
   from configs.ppo import get_config

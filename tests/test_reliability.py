@@ -131,6 +131,7 @@ def test_a_config_typo_is_one_clear_line(tmp_path):
 
 # --- divergence guard ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ppo_at_a_huge_learning_rate_stops_and_keeps_the_checkpoint_before(
     sp_model_path, tmp_path):
   train, _ = ppo_worker.write_prompt_files(str(tmp_path / "prompts"), sp_model_path)
