@@ -58,9 +58,10 @@ from cai_jax.train.state import TrainState, abstract_state, create_state
 RewardFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 # Per-minibatch update statistics, returned by `update` with shape [epochs, minibatches].
+# Plus the actor's and critic's param norms after the update (scalars), which the
+# divergence guard watches.
 UPDATE_STATS = ("policy_loss", "entropy", "clip_fraction", "approx_kl", "ratio_mean",
-                "value_loss", "value_clip_fraction", "actor_grad_norm", "critic_grad_norm",
-                "actor_param_norm", "critic_param_norm")
+                "value_loss", "value_clip_fraction", "actor_grad_norm", "critic_grad_norm")
 
 
 class NonFiniteError(FloatingPointError):
@@ -238,7 +239,8 @@ def update(actor_cfg, critic_cfg, actor_tx, critic_tx, actor: TrainState, critic
   """E epochs x M shuffled minibatches of clipped policy and value losses.
 
   Returns the new states and the per-minibatch statistics, each [E, M] (the
-  first minibatch of the first epoch sees the rollout policy itself: ratio 1).
+  first minibatch of the first epoch sees the rollout policy itself: ratio 1),
+  plus the actor's and critic's param norms after the update.
   """
   B = exp.rollout.seq.shape[0]
   M = hp.num_minibatches
@@ -269,13 +271,9 @@ def update(actor_cfg, critic_cfg, actor_tx, critic_tx, actor: TrainState, critic
     actor, critic = carry
     (_, a_stats), a_grads = jax.value_and_grad(actor_loss, has_aux=True)(actor.params, mb)
     (_, c_stats), c_grads = jax.value_and_grad(critic_loss, has_aux=True)(critic.params, mb)
-    actor, critic = apply(actor, actor_tx, a_grads), apply(critic, critic_tx, c_grads)
     stats = {**a_stats, **c_stats, "actor_grad_norm": optax.global_norm(a_grads),
-             "critic_grad_norm": optax.global_norm(c_grads),
-             # After the update: what the divergence guard watches for blow-ups.
-             "actor_param_norm": optax.global_norm(actor.params),
-             "critic_param_norm": optax.global_norm(critic.params)}
-    return (actor, critic), stats
+             "critic_grad_norm": optax.global_norm(c_grads)}
+    return (apply(actor, actor_tx, a_grads), apply(critic, critic_tx, c_grads)), stats
 
   def epoch_step(carry, k):
     perm = jax.random.permutation(jax.random.wrap_key_data(k), B)
@@ -284,15 +282,15 @@ def update(actor_cfg, critic_cfg, actor_tx, critic_tx, actor: TrainState, critic
 
   keys = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(key), hp.ppo_epochs))
   (actor, critic), stats = jax.lax.scan(epoch_step, (actor, critic), keys)
+  stats.update(actor_param_norm=optax.global_norm(actor.params),
+               critic_param_norm=optax.global_norm(critic.params))
   return actor, critic, stats
 
 
 def summarize_update(stats: dict) -> dict:
-  """Host-side: means over all minibatches plus the first minibatch's ratio stats; param
-  norms are those after the last minibatch."""
+  """Host-side: means over all minibatches plus the first minibatch's ratio stats (and the
+  param norms after the update)."""
   out = {k: float(np.mean(v)) for k, v in stats.items()}
-  for k in ("actor_param_norm", "critic_param_norm"):
-    out[k] = float(np.asarray(stats[k])[-1, -1])
   for k in ("ratio_mean", "clip_fraction", "approx_kl"):
     out[f"{k}_first_minibatch"] = float(np.asarray(stats[k])[0, 0])
   return out
