@@ -23,17 +23,14 @@ What is checked, per stage and for the pipeline as a whole:
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Callable
 
 from cai_jax import tokenizer as tokenizer_lib
+from cai_jax.data.jsonl import is_hub_name
 
 # The sampler's longest stop sequence (`cai_jax.sampling.MAX_STOP_LENGTH`), kept
 # here so that this module does not import jax; a test checks that they agree.
 MAX_STOP_TOKENS = 8
-
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_FILE_SUFFIXES = (".json", ".jsonl", ".txt", ".model", ".parquet", ".gz")
 
 
 class PreflightError(ValueError):
@@ -101,7 +98,7 @@ class Checker:
       return
     if os.path.exists(path):
       return
-    if hub_ok and _HUB_NAME.match(path) and not path.endswith(_FILE_SUFFIXES):
+    if hub_ok and is_hub_name(path):
       return  # a Hugging Face dataset name, loaded when the stage runs
     self.add(f"{field}={path!r}: no such file or directory")
 

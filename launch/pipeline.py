@@ -140,9 +140,7 @@ class Pipeline:
       instruct_tok = tok
       from cai_jax.tokenizer import Tokenizer
       _set(cfg.base, "model.vocab_size", Tokenizer.from_file(tok).vocab_size, only_if_empty=False)
-    if self.tiny:
-      for field, value in (("tokenizer", tok),):
-        _set(cfg.base, field, value)
+      _set(cfg.base, "tokenizer", tok)
       _set(cfg.base, "mesh", cfg.mesh, only_if_empty=False)
       from cai_jax.train.sft import run_sft
       self.run_stage("base", cfg.base, run_sft)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 
-from launch import runtime
 from absl import app, flags
 
 from cai_jax import plan
 from configs.models import to_mistral_config
+from launch import runtime
 
 _CONFIG = runtime.define_config("configs/pipeline.py:mistral_7b", "Pipeline config.")
 _MESH = flags.DEFINE_list("mesh", ["1", "8", "1"], "data,fsdp,tensor sizes (no -1).")

@@ -44,6 +44,13 @@ def parse_flags(argv):
     sys.exit(_bad_override(e, config.split(":")[0]))
 
 
+def define_force():
+  """`--force` of the training stages (see `cai_jax.train.identity.claim_workdir`)."""
+  from absl import flags
+  return flags.DEFINE_bool("force", False, "If --workdir holds a run of another config or "
+                           "inputs, delete its outputs and start afresh (else it is refused).")
+
+
 def setup() -> None:
   """Joins a multi-host job when launched as one.
 

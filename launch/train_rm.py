@@ -9,8 +9,7 @@ from launch import runtime
 
 _CONFIG = runtime.define_config("configs/rm.py:tiny", "Reward model config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
-_FORCE = flags.DEFINE_bool("force", False, "If --workdir holds a run of another config or "
-                           "inputs, delete its outputs and start afresh (else it is refused).")
+_FORCE = runtime.define_force()
 
 
 def main(argv):

@@ -377,6 +377,7 @@ def tokenize_pairs(pairs: Sequence[Mapping[str, Any]], tokenizer, template, *, m
     raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
   stats = {"pairs": 0, "examples": 0, "truncated": 0, "dropped_overlong": 0,
            "dropped_identical_after_truncation": 0}
+  end = template.end_of_turn_ids(tokenizer)
   examples = []
   for index, pair in enumerate(pairs):
     stats["pairs"] += 1
@@ -392,7 +393,6 @@ def tokenize_pairs(pairs: Sequence[Mapping[str, Any]], tokenizer, template, *, m
       if overlong == "drop":
         stats["dropped_overlong"] += 1
         continue
-      end = template.end_of_turn_ids(tokenizer)
       chosen = truncate_keep_end(chosen, max_seq_len, end) if len(chosen) > max_seq_len else chosen
       rejected = (truncate_keep_end(rejected, max_seq_len, end) if len(rejected) > max_seq_len
                   else rejected)

@@ -648,10 +648,10 @@ def run_ppo(cfg, workdir: str, *, reward_fn: RewardFn | None = None, force: bool
   # A killed run may have logged iterations after its last checkpoint (or, killed
   # before its first, any): they are about to be recomputed, so metrics.jsonl and
   # samples.jsonl keep only the trajectory up to here.
-  truncate_metrics(writer.path, start if ckpt.latest_step() is not None else -1)
+  kept = start if ckpt.latest_step() is not None else -1
+  truncate_metrics(writer.path, kept)
   if lead:
-    _truncate_samples(os.path.join(workdir, "samples.jsonl"),
-                      start if ckpt.latest_step() is not None else -1)
+    _truncate_samples(os.path.join(workdir, "samples.jsonl"), kept)
   guard = DivergenceGuard(cfg.get("guard", None), spike_metrics=("value_loss",),
                           vocab_size=trainer.actor_cfg.vocab_size, state=guard_state)
   # Param norms are guarded against the models PPO started from.

@@ -160,6 +160,7 @@ class RewardScorer:
         model_dir, head="scalar", shardings=parallel.param_shardings(self.config, self.mesh, "scalar"))
     self.tokenizer = Tokenizer.from_file(tokenizer_path or os.path.join(model_dir, "tokenizer.model"))
     self.template = get_template(template)
+    self.end_of_turn = self.template.end_of_turn_ids(self.tokenizer)
     self.max_seq_len = max_seq_len
     self.batch_size = batch_size
     self._fn = jax.jit(lambda p, t, l: rm_scores(self.config, p, t, l))
@@ -169,8 +170,7 @@ class RewardScorer:
     if not ids:
       raise ValueError("RewardScorer: an empty text has no last token to read a reward at")
     if len(ids) > self.max_seq_len:
-      ids = batching.truncate_keep_end(ids, self.max_seq_len,
-                                       self.template.end_of_turn_ids(self.tokenizer))
+      ids = batching.truncate_keep_end(ids, self.max_seq_len, self.end_of_turn)
     return ids
 
   def score(self, texts: list[str]) -> list[float]:
