@@ -24,6 +24,7 @@ sampled from (after processing); `model_logprobs` are the raw model's
 from __future__ import annotations
 
 import dataclasses
+import collections
 import functools
 from typing import Any, NamedTuple, Sequence
 
@@ -235,16 +236,16 @@ def _stop_match(history, count, stop_seqs):
 
 
 # --- the core -------------------------------------------------------------------
+#
+# Generation is a prefill (`_prefill`: the prompt pass, the KV cache and the decode
+# state), decode steps (`_decode_step`) and `_finish`. `sample` runs the steps in a loop
+# inside one program (PPO's rollout jits it into its own); `generate` may instead drive
+# one compiled step per token from the host (`stepwise`, see there).
 
-def sample(config: MistralConfig, params, prompt_ids, prompt_lengths, sp: SamplingParams, *,
-           max_new_tokens: int, pad_id: int = 0, num_top_logprobs: int = 0,
-           return_prompt_logprobs: bool = False) -> SampleOutput:
-  """Jittable generation core.
-
-  prompt_ids: i32 [B, P] left-padded (real tokens in the last `prompt_lengths[b]` columns).
-  max_new_tokens: static number of decode steps compiled (rows may stop earlier
-  through `sp.max_new_tokens`, stop sequences, or all rows finishing).
-  """
+def _prefill(config: MistralConfig, params, prompt_ids, prompt_lengths, sp: SamplingParams, *,
+             max_new_tokens: int, pad_id: int, num_top_logprobs: int,
+             return_prompt_logprobs: bool) -> tuple[dict, dict]:
+  """(decode state, constants of the decode loop) after the prompt pass."""
   model = Mistral(config)
   B, P = prompt_ids.shape
   N = max_new_tokens
@@ -292,47 +293,80 @@ def sample(config: MistralConfig, params, prompt_ids, prompt_lengths, sp: Sampli
       history=jnp.full((B, MAX_STOP_LENGTH), -1, jnp.int32),
       seen=seen,
   )
+  consts = dict(stop_single_mask=stop_single_mask, positions0=P - pad[:, 0],
+                prompt_lp=prompt_lp)
+  return carry, consts
 
-  def cond(c):
-    return (c["step"] < N) & ~jnp.all(c["done"])
 
-  def body(c):
-    step = c["step"]
-    token, lp, mlp, raw = _process_and_sample(c["logits"], step, c["seen"], stop_single_mask, sp)
-    active = ~c["done"]
-    token = jnp.where(active, token, pad_id)
-    c = dict(c)
-    c["tokens"] = jax.lax.dynamic_update_slice_in_dim(c["tokens"], token[:, None], step, axis=1)
-    c["logprobs"] = jax.lax.dynamic_update_slice_in_dim(
-        c["logprobs"], jnp.where(active, lp, 0.0)[:, None], step, axis=1)
-    c["model_logprobs"] = jax.lax.dynamic_update_slice_in_dim(
-        c["model_logprobs"], jnp.where(active, mlp, 0.0)[:, None], step, axis=1)
-    if K:
-      top_lp, top_id = jax.lax.top_k(jax.nn.log_softmax(raw, axis=-1), K)
-      c["top_ids"] = jax.lax.dynamic_update_slice_in_dim(c["top_ids"], top_id[:, None], step, axis=1)
-      c["top_lps"] = jax.lax.dynamic_update_slice_in_dim(c["top_lps"], top_lp[:, None], step, axis=1)
-    lengths = c["lengths"] + active
-    history = jnp.concatenate([c["history"][:, 1:], token[:, None]], axis=1)
-    stop_len = _stop_match(history, lengths, sp.stop_seqs)
-    stop_len = jnp.where(active & (step >= sp.min_new_tokens), stop_len, 0)
-    c["stop_lengths"] = jnp.where(active & (stop_len > 0), stop_len, c["stop_lengths"])
-    c["done"] = c["done"] | (stop_len > 0) | (lengths >= sp.max_new_tokens)
-    c["lengths"] = lengths
-    c["history"] = history
-    c["seen"] = c["seen"].at[jnp.arange(B), token].set(True)
-    positions = (P + step - pad[:, 0])[:, None]
-    dec = model.apply({"params": params}, token[:, None], positions=positions, cache=c["cache"])
-    c["logits"] = dec.logits[:, -1]
-    c["cache"] = dec.cache
-    c["step"] = step + 1
-    return c
+def _decode_step(config: MistralConfig, params, c: dict, consts: dict, sp: SamplingParams, *,
+                 pad_id: int, num_top_logprobs: int) -> dict:
+  """One token for every row: pick it from the last logits, record it, check the stops,
+  run the model on it (KV cache updated in place)."""
+  B = c["done"].shape[0]
+  K = num_top_logprobs
+  step = c["step"]
+  token, lp, mlp, raw = _process_and_sample(c["logits"], step, c["seen"],
+                                            consts["stop_single_mask"], sp)
+  active = ~c["done"]
+  token = jnp.where(active, token, pad_id)
+  c = dict(c)
+  c["tokens"] = jax.lax.dynamic_update_slice_in_dim(c["tokens"], token[:, None], step, axis=1)
+  c["logprobs"] = jax.lax.dynamic_update_slice_in_dim(
+      c["logprobs"], jnp.where(active, lp, 0.0)[:, None], step, axis=1)
+  c["model_logprobs"] = jax.lax.dynamic_update_slice_in_dim(
+      c["model_logprobs"], jnp.where(active, mlp, 0.0)[:, None], step, axis=1)
+  if K:
+    top_lp, top_id = jax.lax.top_k(jax.nn.log_softmax(raw, axis=-1), K)
+    c["top_ids"] = jax.lax.dynamic_update_slice_in_dim(c["top_ids"], top_id[:, None], step, axis=1)
+    c["top_lps"] = jax.lax.dynamic_update_slice_in_dim(c["top_lps"], top_lp[:, None], step, axis=1)
+  lengths = c["lengths"] + active
+  history = jnp.concatenate([c["history"][:, 1:], token[:, None]], axis=1)
+  stop_len = _stop_match(history, lengths, sp.stop_seqs)
+  stop_len = jnp.where(active & (step >= sp.min_new_tokens), stop_len, 0)
+  c["stop_lengths"] = jnp.where(active & (stop_len > 0), stop_len, c["stop_lengths"])
+  c["done"] = c["done"] | (stop_len > 0) | (lengths >= sp.max_new_tokens)
+  c["lengths"] = lengths
+  c["history"] = history
+  c["seen"] = c["seen"].at[jnp.arange(B), token].set(True)
+  positions = (consts["positions0"] + step)[:, None]
+  dec = Mistral(config).apply({"params": params}, token[:, None], positions=positions,
+                              cache=c["cache"])
+  c["logits"] = dec.logits[:, -1]
+  c["cache"] = dec.cache
+  c["step"] = step + 1
+  return c
 
-  c = jax.lax.while_loop(cond, body, carry)
+
+def _finish(c: dict, consts: dict, num_top_logprobs: int) -> SampleOutput:
+  K = num_top_logprobs
   return SampleOutput(
       tokens=c["tokens"], logprobs=c["logprobs"], model_logprobs=c["model_logprobs"],
       lengths=c["lengths"], stop_lengths=c["stop_lengths"],
       top_ids=c["top_ids"] if K else None, top_logprobs=c["top_lps"] if K else None,
-      prompt_logprobs=prompt_lp)
+      prompt_logprobs=consts["prompt_lp"])
+
+
+def sample(config: MistralConfig, params, prompt_ids, prompt_lengths, sp: SamplingParams, *,
+           max_new_tokens: int, pad_id: int = 0, num_top_logprobs: int = 0,
+           return_prompt_logprobs: bool = False) -> SampleOutput:
+  """Jittable generation core.
+
+  prompt_ids: i32 [B, P] left-padded (real tokens in the last `prompt_lengths[b]` columns).
+  max_new_tokens: static number of decode steps compiled (rows may stop earlier
+  through `sp.max_new_tokens`, stop sequences, or all rows finishing).
+  """
+  N = max_new_tokens
+  carry, consts = _prefill(config, params, prompt_ids, prompt_lengths, sp, max_new_tokens=N,
+                           pad_id=pad_id, num_top_logprobs=num_top_logprobs,
+                           return_prompt_logprobs=return_prompt_logprobs)
+  step_fn = functools.partial(_decode_step, config, params, consts=consts, sp=sp,
+                              pad_id=pad_id, num_top_logprobs=num_top_logprobs)
+
+  def cond(c):
+    return (c["step"] < N) & ~jnp.all(c["done"])
+
+  c = jax.lax.while_loop(cond, step_fn, carry)
+  return _finish(c, consts, num_top_logprobs)
 
 
 # --- buckets and the public entry point ---------------------------------------
@@ -361,6 +395,57 @@ def _compiled_sample(config: MistralConfig, max_new_tokens: int, pad_id: int,
   return jax.jit(fn, in_shardings=(param_sh, parallel.batch_sharding(mesh, 2), rows, sp_shardings))
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled_stepwise(config: MistralConfig, max_new_tokens: int, pad_id: int,
+                       num_top_logprobs: int, return_prompt_logprobs: bool, mesh=None):
+  """(prefill, step) programs for a host-driven decode: `step` is one token, its decode
+  state donated so the KV cache and the token buffers are updated in place."""
+  prefill = functools.partial(_prefill, config, max_new_tokens=max_new_tokens, pad_id=pad_id,
+                              num_top_logprobs=num_top_logprobs,
+                              return_prompt_logprobs=return_prompt_logprobs)
+
+  def step(params, c, consts, sp):
+    c = _decode_step(config, params, c, consts, sp, pad_id=pad_id,
+                     num_top_logprobs=num_top_logprobs)
+    return c, jnp.all(c["done"])
+
+  step = jax.jit(step, donate_argnums=1)   # shardings follow the prefill's outputs
+  if mesh is None:
+    return jax.jit(prefill), step
+  from cai_jax import parallel
+  rows = parallel.batch_sharding(mesh, 1)
+  sp_shardings = SamplingParams(*([rows] * 7), parallel.batch_sharding(mesh, 3),
+                                parallel.batch_sharding(mesh, 2))
+  param_sh = parallel.param_shardings(config, mesh)
+  return jax.jit(prefill, in_shardings=(param_sh, parallel.batch_sharding(mesh, 2), rows,
+                                        sp_shardings)), step
+
+
+def _sample_stepwise(fns, params, ids, lengths, sp, *, steps: int,
+                     num_top_logprobs: int) -> SampleOutput:
+  """`sample`'s result with the decode loop on the host: one step program per token, at
+  most `steps` (the longest row's max_new_tokens). The host keeps one step queued ahead
+  of the device and, before queueing another, waits for the older one's "every row
+  done" flag: the device never idles on the host, and at most one step runs after the
+  last row ends. Inside a device loop the same 7B step ran ~1.7x slower on an H200
+  (README)."""
+  prefill, step = fns
+  c, consts = prefill(params, ids, lengths, sp)
+  pending = collections.deque()
+  for _ in range(steps):
+    c, all_done = step(params, c, consts, sp)
+    pending.append(all_done)
+    if len(pending) > 1 and bool(pending.popleft()):
+      break
+  return _finish(c, consts, num_top_logprobs)
+
+
+def stepwise_default(backend: str | None = None) -> bool:
+  """Whether `generate` drives decode from the host by default: on accelerators, where
+  a step inside a device loop ran slower (README); on CPU the device loop is as fast."""
+  return (backend or jax.default_backend()) != "cpu"
+
+
 @dataclasses.dataclass
 class GenerationOutput:
   """Python-side result of `generate`; stop tokens are excluded from every list."""
@@ -382,7 +467,8 @@ def generate(config: MistralConfig, params, prompts: Sequence[Sequence[int]], *,
              row_stop_sequences: Sequence[Sequence[Sequence[int]]] | None = None,
              seed: int | Sequence[int] = 0, pad_id: int = 0, num_top_logprobs: int = 0,
              return_prompt_logprobs: bool = False, mesh=None,
-             min_batch_bucket: int = 1, include_stop: bool = False) -> GenerationOutput:
+             min_batch_bucket: int = 1, include_stop: bool = False,
+             min_steps: int = 0, stepwise: bool | None = None) -> GenerationOutput:
   """Generates continuations for token-id prompts of different lengths.
 
   Settings (max_new_tokens included) may be scalars or per-prompt lists.
@@ -392,7 +478,10 @@ def generate(config: MistralConfig, params, prompts: Sequence[Sequence[int]], *,
   their stop token/sequence, and the matching log-probabilities; with
   `include_stop` the stop sequence is kept (a server that echoes the end string,
   as NeMo's does, needs its ids and log-probabilities) and `stop_lengths` says
-  how long it is.
+  how long it is. `min_steps` compiles at least that many decode steps (rows still
+  stop at their own max_new_tokens), so calls of different lengths share one program.
+  `stepwise` drives the decode loop from the host, one compiled step per token
+  (default: `stepwise_default()`, on accelerators); the results are the same.
   """
   if not prompts:
     return GenerationOutput([], [], [], [], None, None)
@@ -411,7 +500,7 @@ def generate(config: MistralConfig, params, prompts: Sequence[Sequence[int]], *,
   B = max(bucket(n, minimum=max(min_batch_bucket, 1)), dp)
   B = -(-B // dp) * dp
   P = bucket(longest)
-  N = bucket(max(int(new.max()), 1))
+  N = bucket(max(int(new.max()), min_steps, 1))
 
   ids = np.full((B, P), pad_id, np.int32)
   lengths = np.ones((B,), np.int32)
@@ -426,8 +515,16 @@ def generate(config: MistralConfig, params, prompts: Sequence[Sequence[int]], *,
       repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
       max_new_tokens=new, stop_sequences=stops, row_stop_sequences=row_stop_sequences, seed=seed)
 
-  fn = _compiled_sample(config, N, pad_id, num_top_logprobs, return_prompt_logprobs, mesh)
-  out = jax.device_get(fn(params, ids, lengths, sp))
+  if stepwise is None:
+    stepwise = stepwise_default()
+  if stepwise:
+    fns = _compiled_stepwise(config, N, pad_id, num_top_logprobs, return_prompt_logprobs, mesh)
+    out = jax.device_get(_sample_stepwise(fns, params, ids, lengths, sp,
+                                          steps=int(new.max()),
+                                          num_top_logprobs=num_top_logprobs))
+  else:
+    fn = _compiled_sample(config, N, pad_id, num_top_logprobs, return_prompt_logprobs, mesh)
+    out = jax.device_get(fn(params, ids, lengths, sp))
 
   tokens, logprobs, model_lps, reasons, tops, prompt_lps = [], [], [], [], [], []
   for i in range(n):

@@ -45,6 +45,7 @@ def add_run_fields(c: ml_collections.ConfigDict, *, eval_every: int, save_every:
   c.param_dtype = ""                    # master weights, e.g. "float32"
   c.remat = False                       # recompute each layer's activations in the backward
   c.remat_policy = ""                   # without remat: "minimal" (model default) or "none"
+  c.attention_impl = ""                 # "" = the model's ("auto"); einsum / xla / cudnn
   c.log_every = log_every
   c.eval_every = eval_every
   c.save_every = save_every

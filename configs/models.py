@@ -29,7 +29,7 @@ PRESETS = {
 }
 _DEFAULTS = dict(rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, dtype="float32",
                  param_dtype="float32", remat=False, remat_policy="minimal",
-                 attention_query_block=128)
+                 attention_query_block=128, attention_impl="auto", decode_loop="auto")
 
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:

@@ -1,13 +1,21 @@
 """cai_jax vs its PyTorch references, measured in one process on the same random weights.
 
-    python -m launch.benchmark --what=all [--preset=small] [--reps=3] [--out=b.json] [--threads=N]
+    python -m launch.benchmark --what=all [--device=auto] [--preset=...] [--reps=3] [--out=b.json]
+                               [--threads=N]
 
-`--what`: model (forward, forward+backward vs torch), generate (greedy decode and
+`--what`: model (forward, forward+backward vs torch), attention (the attention
+implementations alone against the einsum path), generate (greedy decode and
 TTFT vs transformers `generate`), sft (AdamW train step vs transformers+torch),
 ppo (seconds per PPO iteration by phase vs TRL 1.9.2), or all. Prints a
 markdown table (cai_jax, reference, speed-up, floor, target) on stdout, progress
 on stderr, and writes every timing plus versions and thread settings as JSON
 with `--out`. What each mode measures: `cai_jax/benchmarking.py`.
+
+`--device=gpu` (the default on a GPU backend) is the GPU mode: bf16, `mistral_1b`
+for model/sft, `mistral_7b` for decode at b1/b32/b128, `small` for PPO, the torch
+side on the same GPU; `--preset` then overrides every mode's model. The table's
+header names the CPU (model, AVX-512 or not) and the device, with the matmul peak
+and memory bandwidth measured in the same run, from which floors and MFU come.
 
 `--threads=N` below the CPUs this process may use pins the process to N of them
 before jax or torch start, so both frameworks get the same N cores (XLA sizes its
@@ -21,12 +29,18 @@ import sys
 
 from absl import app, flags
 
-_WHAT = flags.DEFINE_enum("what", "all", ["model", "generate", "sft", "ppo", "all"],
+_WHAT = flags.DEFINE_enum("what", "all", ["model", "attention", "generate", "sft", "ppo", "all"],
                           "Which benchmark to run.")
-_PRESET = flags.DEFINE_string("preset", "small", "Model preset from configs/models.py.")
+_DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"],
+                            "cpu or gpu mode (sizes, dtypes, references); auto: gpu on a GPU "
+                            "backend.")
+_PRESET = flags.DEFINE_string("preset", None, "Model preset from configs/models.py for every "
+                              "mode (default: small on cpu; per mode on gpu).")
 _REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions (PPO: iterations after the "
                              "warm-up one); the median is reported.", lower_bound=1)
 _OUT = flags.DEFINE_string("out", None, "Write the full report as JSON to this file.")
+_OVERRIDE = flags.DEFINE_list("model_override", [], "MistralConfig fields for cai_jax's side, "
+                              "e.g. attention_impl=einsum,remat_policy=none.")
 _THREADS = flags.DEFINE_integer("threads", None, "CPU threads for both frameworks "
                                 "(default: every CPU this process may use).", lower_bound=1)
 
@@ -44,10 +58,39 @@ def _pin_threads(threads: int | None) -> int:
   return threads
 
 
+def _overrides(items: list[str]) -> dict:
+  """`key=value` strings -> MistralConfig fields, values typed like the field's default."""
+  import dataclasses
+
+  from cai_jax.model import MistralConfig
+  fields = {f.name: f for f in dataclasses.fields(MistralConfig)}
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or key not in fields:
+      raise app.UsageError(f"--model_override={item}: expected FIELD=VALUE with FIELD one of "
+                           f"{sorted(fields)}")
+    default = fields[key].default
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false"):
+        raise app.UsageError(f"--model_override={item}: {key} is true or false")
+      out[key] = value.lower() == "true"
+    elif isinstance(default, int) and value.lstrip("-").isdigit():
+      out[key] = int(value)
+    elif isinstance(default, float):
+      out[key] = float(value)
+    else:
+      out[key] = value
+  return out
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   threads = _pin_threads(_THREADS.value)
+  # The torch reference shares the GPU with JAX: JAX takes memory as it needs it
+  # instead of preallocating 75% of the device.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   if "jax" in sys.modules or "torch" in sys.modules:
     print("benchmark: warning: jax/torch were imported before the thread pinning",
           file=sys.stderr)
@@ -55,9 +98,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   from cai_jax import benchmarking
   from configs.models import PRESETS
-  if _PRESET.value not in PRESETS:
+  if _PRESET.value is not None and _PRESET.value not in PRESETS:
     raise app.UsageError(f"--preset={_PRESET.value}: choose from {sorted(PRESETS)}")
-  report = benchmarking.run(_WHAT.value, preset=_PRESET.value, reps=_REPS.value, threads=threads)
+  report = benchmarking.run(_WHAT.value, preset=_PRESET.value, reps=_REPS.value, threads=threads,
+                            device=_DEVICE.value, model_overrides=_overrides(_OVERRIDE.value))
   print(benchmarking.markdown_table(report))
   if _OUT.value:
     benchmarking.write_json(report, _OUT.value)

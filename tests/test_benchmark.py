@@ -25,21 +25,32 @@ SHAPES = benchmarking.Shapes(model_batch=2, model_seq=16, gen_batches=(2,), gen_
                              ppo_new=4)
 EXPECTED = {
     "model": ["forward tokens/s", "forward GFLOP/s", "fwd+bwd tokens/s", "fwd+bwd GFLOP/s"],
+    "attention": ["xla forward ms", "xla forward+backward ms"],
     "generate": ["decode tok/s b2", "TTFT ms b2"],
     "sft": ["train tokens/s", "MFU %"],
-    "ppo": ["rollout s", "score s", "update s", "iteration s"],
+    "ppo": ["rollout s", "score s", "update s", "iteration s", "rollout tok/s"],
 }
+# The GPU mode's code path on this CPU: tiny model, two decode batches, an extra SFT shape.
+GPU_SHAPES = benchmarking.Shapes(model_batch=2, model_seq=32, gen_batches=(1, 2), gen_prompt=8,
+                                 gen_new=4, sft_batch=2, sft_seq=16, sft_extra=((1, 32),),
+                                 ppo_batch=2, ppo_prompt=8, ppo_new=4)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _check_rows(rows, modes):
-  assert [(r["mode"], r["metric"]) for r in rows] == [(m, k) for m in modes for k in EXPECTED[m]]
+def _check_rows(rows, modes, expected=EXPECTED, no_reference=()):
+  assert [(r["mode"], r["metric"]) for r in rows] == [(m, k) for m in modes for k in expected[m]]
   for r in rows:
+    if (r["mode"], r["metric"]) in no_reference:
+      assert r["reference"] is None and r["speedup"] is None
+      continue
     for key in ("cai_jax", "reference", "speedup"):
       assert math.isfinite(r[key]) and r[key] > 0, (r["metric"], key, r[key])
     ratio = r["cai_jax"] / r["reference"]
     assert r["speedup"] == pytest.approx(ratio if r["higher_is_better"] else 1 / ratio)
     assert (r["target"] is None) == (r["target_met"] is None)
+    if r["floor"]:
+      assert r["of_floor"] == pytest.approx(r["cai_jax"] / r["floor"] if r["higher_is_better"]
+                                            else r["floor"] / r["cai_jax"])
 
 
 def test_every_mode_on_tiny(tmp_path):
@@ -48,7 +59,13 @@ def test_every_mode_on_tiny(tmp_path):
   _check_rows(report["rows"], benchmarking.MODES)
 
   settings = report["settings"]
-  assert settings["preset"] == "tiny" and settings["reps"] == 1
+  assert set(settings["presets"].values()) == {"tiny"} and settings["reps"] == 1
+  assert settings["device"] == "cpu" and settings["dtype"] == "float32"
+  ceilings = settings["ceilings"]
+  assert ceilings["matmul_flops"] > 1e9 and ceilings["read_bytes_per_s"] > 1e8
+  assert settings["peak_flops"] == ceilings["matmul_flops"]   # no datasheet for a CPU
+  assert settings["machine"]["cpu"]["isa"] in ("AVX-512", "AVX-512 + AMX", "AVX2", "no AVX2",
+                                               "unknown")
   assert settings["versions"]["jax"] and settings["versions"]["torch"]
   assert settings["versions"]["trl"] == "1.9.2"
   assert settings["threads"]["torch_num_threads"] >= 1
@@ -65,6 +82,9 @@ def test_every_mode_on_tiny(tmp_path):
   assert body[0].startswith("| mode | metric | cai_jax | reference | speed-up")
   assert len(body) == 1 + len(report["rows"])
   assert "| ppo (TRL) | iteration s |" in table
+  assert "| ppo (cai_jax generate) | rollout tok/s |" in table
+  assert f"CPU: {settings['machine']['cpu']['model']}" in table
+  assert "matmul" in table.splitlines()[2]
 
   out = tmp_path / "bench.json"
   benchmarking.write_json(report, str(out))
@@ -87,6 +107,52 @@ def test_command_line(tmp_path):
   report = json.loads(out.read_text())
   _check_rows(report["rows"], ["model"])
   assert report["results"]["model"]["batch"] == 8 and report["results"]["model"]["seq_len"] == 256
+
+
+def test_gpu_mode_code_path_on_cpu(tmp_path):
+  """`device="gpu"`: bf16, the extra SFT shape, decode rows against the roofline, PPO
+  without TRL, the attention implementations; on this CPU only its code path runs."""
+  report = benchmarking.run(["attention", "generate", "sft", "ppo"], preset="tiny", reps=1,
+                            shapes=GPU_SHAPES, device="gpu", workdir=str(tmp_path / "work"))
+  expected = {**EXPECTED, "generate": ["decode tok/s b1", "TTFT ms b1", "decode tok/s b2",
+                                       "TTFT ms b2"],
+              "sft": ["train tokens/s", "MFU %", "train tokens/s B1xT32", "MFU % B1xT32"]}
+  no_ref = {("ppo", m) for m in ("rollout s", "score s", "update s", "iteration s")}
+  _check_rows(report["rows"], ["attention", "generate", "sft", "ppo"], expected, no_ref)
+  s = report["settings"]
+  assert s["device"] == "gpu" and s["dtype"] == "bfloat16 compute"
+  models = s["models"]
+  assert models["generate"]["config"]["param_dtype"] == "bfloat16"
+  assert models["sft"]["config"]["param_dtype"] == "float32"
+  assert all(m["config"]["dtype"] == "bfloat16" for m in models.values())
+  assert report["results"]["ppo"]["trl"] is None and report["results"]["ppo"]["dtype"] == \
+      "bfloat16"
+  for b in (1, 2):
+    r = report["results"]["generate"]["seconds"][f"b{b}"]
+    assert r["floor_ms_per_step"] > 0 and "greedy_token_agreement" not in r
+  decode = [r for r in report["rows"] if r["metric"].startswith("decode tok/s")]
+  assert all(r["target"] for r in decode if r["metric"] == "decode tok/s b1")
+  table = benchmarking.markdown_table(report)
+  assert "gpu mode (bfloat16 compute)" in table and "| ppo (no reference) | update s |" in table
+
+
+def test_decode_floor_counts_weights_and_cache():
+  from configs.models import model_config
+  cfg = model_config("mistral_7b", dtype="bfloat16", param_dtype="bfloat16")
+  ceilings = {"datasheet_flops": 989e12, "datasheet_bytes_per_s": 4.8e12,
+              "matmul_flops": 6e14, "read_bytes_per_s": 4e12}
+  weights = cfg.num_params("lm") * 2
+  kv = 2 * 32 * 8 * 128 * 2 * 256     # one row, 256 columns
+  assert benchmarking.decode_step_floor(cfg, 1, 256, ceilings) == pytest.approx(
+      (weights + kv) / 4.8e12)
+  # Past the window the cache stops growing.
+  assert benchmarking.decode_step_floor(cfg, 1, 10**6, ceilings) == pytest.approx(
+      (weights + kv * 4096 / 256) / 4.8e12)
+  # At a large enough batch the step is compute-bound.
+  big = 4096
+  assert benchmarking.decode_step_floor(cfg, big, 1, ceilings) == pytest.approx(max(
+      (weights + kv / 256 * big) / 4.8e12,
+      2 * (cfg.num_params("lm") - cfg.vocab_size * cfg.hidden_size) * big / 989e12))
 
 
 def test_bad_mode():

@@ -24,6 +24,9 @@ import hf_utils
 from cai_jax import checkpoint, parallel, sampling
 from cai_jax.model import cache_slots
 
+# Programs that differ only in how they loop agree to float32 rounding on CPU; an NVIDIA
+# GPU runs float32 matmuls on its TF32 units by default, so there they agree to ~1e-4.
+_ATOL = 1e-5 if jax.default_backend() == "cpu" else 2e-3
 PROMPT_LENGTHS = (3, 9, 14)   # ragged: left padding of 13, 7 and 2 in a 16-column bucket
 NEW = 24                      # > sliding window 6, and > the prompt bucket - longest prompt
 WINDOW = 6
@@ -519,6 +522,52 @@ def test_seeds_reproducible_and_independent_of_batch_mates(global_model):
   assert run([p[0]] * 3, seed=4).tokens != d.tokens
 
 
+@pytest.mark.parametrize("greedy", [True, False])
+def test_unrolled_decode_equals_the_scanned_decode(greedy, global_model):
+  """`decode_loop` changes how the layer loop is compiled, not what it computes."""
+  _, cfg, params = global_model
+  kw = dict(max_new_tokens=NEW, greedy=greedy, temperature=0.8, top_k=20, seed=[3, 4, 5])
+  unrolled = sampling.generate(cfg.replace(decode_loop="unroll"), params, _prompts(), **kw)
+  scanned = sampling.generate(cfg.replace(decode_loop="scan"), params, _prompts(), **kw)
+  assert unrolled.tokens == scanned.tokens
+  for a, b in zip(unrolled.model_logprobs + unrolled.logprobs,
+                  scanned.model_logprobs + scanned.logprobs):
+    np.testing.assert_allclose(a, b, atol=_ATOL)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(greedy=True),
+    dict(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=[3, 4, 5],
+         num_top_logprobs=3, return_prompt_logprobs=True),
+    dict(greedy=True, stop_token_ids=[7], min_new_tokens=2, max_new_tokens=[5, 24, 17]),
+])
+def test_host_driven_decode_equals_the_device_loop(kwargs, global_model, window_model):
+  """`stepwise` moves the decode loop to the host; tokens, log-probs and stops stay."""
+  for _, cfg, params in (global_model, window_model):
+    kw = {"max_new_tokens": NEW, **kwargs}
+    device = sampling.generate(cfg, params, _prompts(), stepwise=False, **kw)
+    host = sampling.generate(cfg, params, _prompts(), stepwise=True, **kw)
+    assert host.tokens == device.tokens and host.finish_reasons == device.finish_reasons
+    for name in ("logprobs", "model_logprobs", "prompt_logprobs"):
+      for a, b in zip(getattr(host, name) or [], getattr(device, name) or []):
+        np.testing.assert_allclose(a, b, atol=_ATOL)
+    for r, q in zip(host.top_logprobs or [], device.top_logprobs or []):
+      assert [[i for i, _ in x] for x in r] == [[i for i, _ in y] for y in q]
+      np.testing.assert_allclose([[v for _, v in x] for x in r], [[v for _, v in y] for y in q],
+                                 atol=_ATOL)
+  assert sampling.stepwise_default("gpu") and not sampling.stepwise_default("cpu")
+
+
+def test_auto_decode_loop_scans_on_cpu_and_unrolls_on_accelerators(global_model):
+  _, cfg, _ = global_model
+  assert cfg.decode_loop == "auto"
+  assert not cfg.unrolls_decode("cpu")
+  assert cfg.unrolls_decode("gpu") and cfg.unrolls_decode("tpu")
+  assert cfg.replace(decode_loop="unroll").unrolls_decode("cpu")
+  with pytest.raises(ValueError, match="decode_loop must be one of"):
+    cfg.replace(decode_loop="unrolled")
+
+
 # --- 6. bucketing -----------------------------------------------------------------------
 
 def test_same_bucket_reuses_the_compiled_function(global_model):
@@ -539,7 +588,8 @@ def test_same_bucket_reuses_the_compiled_function(global_model):
 
 # --- 7. sharded ---------------------------------------------------------------------------
 
-def test_sharded_generation_matches_unsharded(global_model):
+@pytest.mark.parametrize("stepwise", [False, True])
+def test_sharded_generation_matches_unsharded(stepwise, global_model):
   _, cfg, params = global_model
   mesh = parallel.create_mesh((2, 2, 2))
   sharded = parallel.shard_tree(params, parallel.param_shardings(cfg, mesh))
@@ -548,7 +598,8 @@ def test_sharded_generation_matches_unsharded(global_model):
   prompts = _prompts()
   for kwargs in (dict(greedy=True), dict(temperature=1.0, seed=[1, 2, 3])):
     ref = sampling.generate(cfg, params, prompts, max_new_tokens=NEW, **kwargs)
-    out = sampling.generate(cfg, sharded, prompts, max_new_tokens=NEW, mesh=mesh, **kwargs)
+    out = sampling.generate(cfg, sharded, prompts, max_new_tokens=NEW, mesh=mesh,
+                            stepwise=stepwise, **kwargs)
     assert out.tokens == ref.tokens
     for a, b in zip(out.logprobs, ref.logprobs):
       np.testing.assert_allclose(a, b, atol=1e-4)

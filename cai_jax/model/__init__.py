@@ -2,10 +2,11 @@
 
 from cai_jax.model.config import MistralConfig
 from cai_jax.model.mistral import (KVCache, Mistral, MistralOutput, attention_mask_from_columns,
-                                   cache_from_prefill, cache_slots, grow_vocab, init_cache,
-                                   lm_head_kernel)
+                                   cache_from_prefill, cache_slots, cudnn_supports, grow_vocab,
+                                   init_cache, lm_head_kernel, resolve_attention_impl)
 
 __all__ = [
     "KVCache", "Mistral", "MistralConfig", "MistralOutput", "attention_mask_from_columns",
-    "cache_from_prefill", "cache_slots", "grow_vocab", "init_cache", "lm_head_kernel",
+    "cache_from_prefill", "cache_slots", "cudnn_supports", "grow_vocab", "init_cache",
+    "lm_head_kernel", "resolve_attention_impl",
 ]

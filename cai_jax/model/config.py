@@ -14,6 +14,10 @@ def _dtype_name(value: Any) -> str:
 
 
 REMAT_POLICIES = ("minimal", "none")
+# How attention over a whole sequence (training, scoring, prefill) is computed; decode
+# steps against the KV cache always use the einsum path. See `resolve_attention_impl`.
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+DECODE_LOOPS = ("auto", "unroll", "scan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +60,17 @@ class MistralConfig:
   # against only the keys it can see: ~(n+1)/2n of the full [T, T] work for n
   # blocks, less with a sliding window shorter than T. 0 = one block.
   attention_query_block: int = 128
+  # "einsum": the query-blocked einsum path above (fastest on CPU); "cudnn": cuDNN flash
+  # attention through `jax.nn.dot_product_attention` (NVIDIA GPU, bf16/fp16); "xla":
+  # that function's XLA implementation (one [T, T] block); "auto": cudnn on a GPU when
+  # the dtype and head size allow it, einsum everywhere else (`resolve_attention_impl`).
+  attention_impl: str = "auto"
+  # How a decode step loops over the layers: "unroll" (one copy of the layer per layer in
+  # the program, each reading its weights at a static offset of the stacked params) or
+  # "scan" (`lax.scan`, whose per-layer slicing ran a memory-bound step ~3x slower on a
+  # GPU, BENCHMARKS.md); "auto": unroll on accelerators, scan on CPU (where unrolling
+  # measured ~13% slower, README). Training and prefill always scan.
+  decode_loop: str = "auto"
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -68,6 +83,11 @@ class MistralConfig:
           f"num_key_value_heads={self.num_key_value_heads}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
+                       f"got {self.attention_impl!r}")
+    if self.decode_loop not in DECODE_LOOPS:
+      raise ValueError(f"decode_loop must be one of {DECODE_LOOPS}, got {self.decode_loop!r}")
     if self.sliding_window is not None and self.sliding_window <= 0:
       object.__setattr__(self, "sliding_window", None)
 
@@ -78,6 +98,13 @@ class MistralConfig:
   @property
   def weight_dtype(self):
     return jnp.dtype(self.param_dtype)
+
+  def unrolls_decode(self, backend: str | None = None) -> bool:
+    """Whether a decode step unrolls its layer loop on `backend` (default: JAX's)."""
+    if self.decode_loop == "auto":
+      import jax
+      return (backend or jax.default_backend()) != "cpu"
+    return self.decode_loop == "unroll"
 
   def replace(self, **changes) -> "MistralConfig":
     return dataclasses.replace(self, **changes)

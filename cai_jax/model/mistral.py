@@ -177,11 +177,73 @@ def _attend(q: Array, k: Array, v: Array, mask: Array, dtype, k_transposed: bool
   return out.reshape(B, K, G, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
+def cudnn_supports(config: MistralConfig) -> str | None:
+  """Why cuDNN flash attention cannot serve `config` (None when it can): it takes
+  bf16/fp16 operands and head sizes that are multiples of 8 up to 128."""
+  if config.compute_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"compute dtype {config.dtype} (cuDNN flash attention takes bfloat16 or float16)"
+  if config.head_dim % 8 or config.head_dim > 128:
+    return f"head_dim {config.head_dim} (cuDNN flash attention takes multiples of 8 up to 128)"
+  return None
+
+
+def resolve_attention_impl(config: MistralConfig, backend: str | None = None) -> str:
+  """The attention implementation a whole-sequence pass of `config` uses on `backend`
+  (default: JAX's default backend).
+
+  "auto" is "cudnn" on an NVIDIA GPU when `cudnn_supports(config)`, else "einsum": on
+  a GPU the query-blocked einsum path beats `jax.nn.dot_product_attention`'s XLA
+  implementation (BENCHMARKS.md), and on CPU and TPU it is the XLA program that skips
+  the blocks a causal or windowed mask hides. An explicit "cudnn" where it cannot run
+  is an error naming why.
+  """
+  impl = config.attention_impl
+  backend = backend or jax.default_backend()
+  if impl == "auto":
+    return "cudnn" if backend == "gpu" and cudnn_supports(config) is None else "einsum"
+  if impl == "cudnn":
+    if backend != "gpu":
+      raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU; this process runs on "
+                       f"{backend!r} (use 'auto', 'einsum' or 'xla')")
+    why = cudnn_supports(config)
+    if why:
+      raise ValueError(f"attention_impl='cudnn' cannot serve {why}; use 'auto' or 'einsum'")
+  return impl
+
+
+def fused_attention_mask(k_col: Array, segment_ids: Array | None) -> Array:
+  """[B, 1, T, T] mask for `jax.nn.dot_product_attention` (which adds causality and the
+  window itself): key valid (k_col >= 0) and in the query's segment. The diagonal is
+  always allowed, so a padding query attends to itself instead of to nothing (a fully
+  masked row would be NaN in a flash kernel, and NaN reaches every output it touches
+  through 0 * NaN); real queries see their own key anyway."""
+  T = k_col.shape[1]
+  mask = jnp.broadcast_to((k_col >= 0)[:, None, :], (k_col.shape[0], T, T))
+  if segment_ids is not None:
+    mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+  return (mask | jnp.eye(T, dtype=bool)[None])[:, None]
+
+
+def attend_fused(q: Array, k: Array, v: Array, mask: Array | None, sliding_window: int | None,
+                 implementation: str) -> Array:
+  """Causal (windowed) attention through `jax.nn.dot_product_attention`: q [B, T, H, hd],
+  k/v [B, T, K, hd] (GQA by K < H), `mask` from `fused_attention_mask` or None (every
+  key valid, one segment). The window is Mistral's: query c sees keys c - W < j <= c."""
+  T = q.shape[1]
+  window = None
+  if sliding_window is not None and sliding_window < T:
+    window = (sliding_window - 1, 0)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                      local_window_size=window, implementation=implementation)
+
+
 class Attention(nn.Module):
   config: MistralConfig
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, layer_cache, write_slots):
+    """`mask`: [B, T, S] for the einsum path; for a fused implementation (no cache) the
+    `fused_attention_mask` or None."""
     cfg = self.config
     H, K, hd, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     proj = lambda eqn, shape, axes, name: Einsum(eqn, shape, axes, cfg.compute_dtype,
@@ -190,7 +252,12 @@ class Attention(nn.Module):
     k = proj("btd,dhk->bthk", (D, K, hd), ("embed", "kv_heads", "head_dim"), "k_proj")(x)
     v = proj("btd,dhk->bthk", (D, K, hd), ("embed", "kv_heads", "head_dim"), "v_proj")(x)
     q = apply_rope(q, cos, sin)
-    k = apply_rope(k, cos, sin).transpose(0, 2, 1, 3)    # [B, K, T, hd], the cache layout
+    k = apply_rope(k, cos, sin)
+    impl = "einsum" if layer_cache is not None else resolve_attention_impl(cfg)
+    fused = None
+    if impl != "einsum":  # [B, T, K, hd] is the layout jax.nn.dot_product_attention takes
+      fused = attend_fused(q, k, v, mask, cfg.sliding_window, impl).astype(cfg.compute_dtype)
+    k = k.transpose(0, 2, 1, 3)    # [B, K, T, hd], the cache layout
     v = v.transpose(0, 2, 1, 3)
 
     if layer_cache is None:
@@ -217,7 +284,9 @@ class Attention(nn.Module):
     # At most _MAX_QUERY_BLOCKS blocks (each unrolled in the program), of at least
     # attention_query_block queries.
     block = cfg.attention_query_block and max(cfg.attention_query_block, -(-T // _MAX_QUERY_BLOCKS))
-    if layer_cache is None and block and T > block:
+    if fused is not None:
+      out = fused
+    elif layer_cache is None and block and T > block:
       # Query block [s, e) only needs keys [lo, e): later columns are in its
       # future and columns before lo are outside every one of its windows.
       outs = []
@@ -354,7 +423,13 @@ class Mistral(nn.Module):
     if cache is None:
       cols = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
       k_col = cols if attention_mask is None else jnp.where(attention_mask.astype(bool), cols, -1)
-      mask = attention_mask_from_columns(cols, k_col, cfg.sliding_window, segment_ids, segment_ids)
+      if resolve_attention_impl(cfg) == "einsum":
+        mask = attention_mask_from_columns(cols, k_col, cfg.sliding_window, segment_ids,
+                                           segment_ids)
+      elif attention_mask is None and segment_ids is None:
+        mask = None  # plain causal: the kernel needs no mask at all
+      else:
+        mask = fused_attention_mask(k_col, segment_ids)
       write_slots = None
       new_col = None
     else:
@@ -386,6 +461,9 @@ class Mistral(nn.Module):
         layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+        # Fully unrolled, lax.scan emits no loop: each layer reads its slice of the
+        # stacked weights at a static offset (see MistralConfig.decode_loop).
+        unroll=cfg.num_hidden_layers if (cache is not None and cfg.unrolls_decode()) else 1,
     )(cfg, return_kv=return_kv, name="layers")
     layer_cache = None if cache is None else (cache.k, cache.v, jnp.zeros((), jnp.int32))
     (x, carried), kv = layers((x, layer_cache), cos, sin, mask, write_slots)

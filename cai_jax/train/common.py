@@ -38,7 +38,8 @@ def _overrides(cfg) -> dict:
   return {k: v for k, v in dict(dtype=cfg.get("dtype", None) or None,
                                 param_dtype=cfg.get("param_dtype", None) or None,
                                 remat=cfg.get("remat", None),
-                                remat_policy=cfg.get("remat_policy", None) or None).items()
+                                remat_policy=cfg.get("remat_policy", None) or None,
+                                attention_impl=cfg.get("attention_impl", None) or None).items()
           if v is not None}
 
 
