@@ -109,6 +109,7 @@ def test_command_line(tmp_path):
   assert report["results"]["model"]["batch"] == 8 and report["results"]["model"]["seq_len"] == 256
 
 
+@pytest.mark.slow
 def test_gpu_mode_code_path_on_cpu(tmp_path):
   """`device="gpu"`: bf16, the extra SFT shape, decode rows against the roofline, PPO
   without TRL, the attention implementations; on this CPU only its code path runs."""

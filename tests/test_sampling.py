@@ -555,7 +555,8 @@ def test_host_driven_decode_equals_the_device_loop(kwargs, global_model, window_
       assert [[i for i, _ in x] for x in r] == [[i for i, _ in y] for y in q]
       np.testing.assert_allclose([[v for _, v in x] for x in r], [[v for _, v in y] for y in q],
                                  atol=_ATOL)
-  assert sampling.stepwise_default("gpu") and not sampling.stepwise_default("cpu")
+  assert sampling.stepwise_default("gpu")
+  assert not sampling.stepwise_default("cpu") and not sampling.stepwise_default("tpu")
 
 
 def test_auto_decode_loop_scans_on_cpu_and_unrolls_on_accelerators(global_model):
