@@ -232,7 +232,16 @@ class Setup:
   seed: int = 0
   device: str = "cpu"      # the benchmark's mode: "cpu" or "gpu"
   torch_device: str = "cpu"
+  profile_dir: str | None = None   # where `profile` writes jax.profiler traces
   _rm_dirs: tuple[str, str] | None = None
+
+  def profile(self, name: str, fn: Callable[[], Any]) -> None:
+    """With a `profile_dir`: one more call of cai_jax's `fn`, after the timed ones, under
+    `jax.profiler.trace` (a TensorBoard / Perfetto trace in profile_dir/name)."""
+    if self.profile_dir:
+      log(f"profiling {name} -> {os.path.join(self.profile_dir, name)}")
+      with jax.profiler.trace(os.path.join(self.profile_dir, name)):
+        fn()
 
   def torch_lm(self, train: bool = False, bf16_weights: bool = False):
     torch, transformers = _import_torch()
@@ -435,6 +444,7 @@ def bench_model(setup: Setup, shapes: Shapes, reps: int, ceilings: dict) -> dict
   ours_fwd = time_calls(lambda: jax.block_until_ready(forward(params, tokens_dev)), reps)
   log(f"model: cai_jax forward+backward {B}x{T}")
   ours_bwd = time_calls(lambda: jax.block_until_ready(grads(params, batch)), reps)
+  setup.profile("model_forward_backward", lambda: jax.block_until_ready(grads(params, batch)))
 
   torch, _ = _import_torch()
   model = setup.torch_lm(train=False)
@@ -561,6 +571,7 @@ def bench_generate(setup: Setup, shapes: Shapes, reps: int, ceilings: dict) -> d
     log(f"generate: cai_jax b{B}")
     t1 = time_calls(lambda: ours(1), reps)
     tn = time_calls(lambda: ours(N), reps)
+    setup.profile(f"generate_b{B}", lambda: ours(N))
     out = ours(N)
     if any(len(t) != N for t in out.tokens):
       raise RuntimeError(f"cai_jax generated {[len(t) for t in out.tokens]} tokens, not {N}")
@@ -664,7 +675,9 @@ def _bench_sft_once(setup: Setup, B: int, T: int, reps: int, ceilings: dict,
         jax.block_until_ready(metrics)
 
       log(f"sft: cai_jax train step {B}x{T}")
-      return time_calls(ours, reps)
+      seconds = time_calls(ours, reps)
+      setup.profile(f"sft_B{B}xT{T}", ours)
+      return seconds
 
   def run_torch():
     torch, _ = _import_torch()
@@ -767,7 +780,13 @@ def _ours_ppo(setup: Setup, shapes: Shapes, iterations: int) -> list[dict]:
     log(f"ppo: cai_jax iteration {it + 1}/{iterations}" + (" (compile)" if it == 0 else ""))
     # The iteration's counter argument has been called `seed` and `iteration`.
     counter = {k: it + 1 for k in ("iteration", "seed") if k in params}
-    metrics, exp = trainer.iteration(batch, PPO_HP["kl_coef"], **counter)
+    if it == iterations - 1 and it > 0 and setup.profile_dir:  # the last, compiled iteration
+      result = []
+      setup.profile("ppo_iteration", lambda: result.append(
+          trainer.iteration(batch, PPO_HP["kl_coef"], **counter)))
+      metrics, exp = result[0]
+    else:
+      metrics, exp = trainer.iteration(batch, PPO_HP["kl_coef"], **counter)
     lengths = np.asarray(jax.device_get(exp.rollout.lengths))
     if np.any(lengths != N):
       raise RuntimeError(f"cai_jax PPO rollout lengths {lengths.tolist()}, expected all {N}")
@@ -995,7 +1014,8 @@ def resolve_device(device: str) -> str:
 
 def run(what: str | list[str] = "all", preset: str | None = None, reps: int = 3,
         threads: int | None = None, shapes: Shapes | None = None, workdir: str | None = None,
-        seed: int = 0, device: str = "auto", model_overrides: dict | None = None) -> dict:
+        seed: int = 0, device: str = "auto", model_overrides: dict | None = None,
+        profile_dir: str | None = None) -> dict:
   """Runs the chosen modes; returns the report (settings, per-mode results, table rows).
 
   `device`: "cpu", "gpu" (the GPU mode: bf16, its presets and shapes, torch on CUDA when
@@ -1003,6 +1023,8 @@ def run(what: str | list[str] = "all", preset: str | None = None, reps: int = 3,
   default to the device mode's (`small` and `Shapes()` on CPU; `GPU_PRESETS` and
   `GPU_SHAPES` on GPU); a `preset` given applies to every mode. `model_overrides`:
   MistralConfig fields for cai_jax's side, e.g. {"attention_impl": "einsum"}.
+  `profile_dir`: also trace one call of cai_jax's side of each mode with jax.profiler
+  (SFT step, forward+backward, each decode batch, the last PPO iteration).
   """
   modes = [what] if isinstance(what, str) else list(what)
   if modes == ["all"]:
@@ -1043,6 +1065,7 @@ def run(what: str | list[str] = "all", preset: str | None = None, reps: int = 3,
         setup = _setup_for(mode, presets[mode], workdir, seed, device, torch_device)
         if model_overrides:
           setup.config = setup.config.replace(**model_overrides)
+        setup.profile_dir = profile_dir
       report["settings"].setdefault("models", {})[mode] = {
           "preset": setup.preset, "num_params": setup.config.num_params("lm"),
           "config": dataclasses.asdict(setup.config)}

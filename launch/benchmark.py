@@ -39,6 +39,9 @@ _PRESET = flags.DEFINE_string("preset", None, "Model preset from configs/models.
 _REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions (PPO: iterations after the "
                              "warm-up one); the median is reported.", lower_bound=1)
 _OUT = flags.DEFINE_string("out", None, "Write the full report as JSON to this file.")
+_PROFILE = flags.DEFINE_string("profile_dir", None, "Also write a jax.profiler trace of one call "
+                                "of cai_jax's side of each mode here (view in TensorBoard's "
+                                "profile plugin or Perfetto).")
 _OVERRIDE = flags.DEFINE_list("model_override", [], "MistralConfig fields for cai_jax's side, "
                               "e.g. attention_impl=einsum,remat_policy=none.")
 _THREADS = flags.DEFINE_integer("threads", None, "CPU threads for both frameworks "
@@ -101,7 +104,8 @@ def main(argv):
   if _PRESET.value is not None and _PRESET.value not in PRESETS:
     raise app.UsageError(f"--preset={_PRESET.value}: choose from {sorted(PRESETS)}")
   report = benchmarking.run(_WHAT.value, preset=_PRESET.value, reps=_REPS.value, threads=threads,
-                            device=_DEVICE.value, model_overrides=_overrides(_OVERRIDE.value))
+                            device=_DEVICE.value, model_overrides=_overrides(_OVERRIDE.value),
+                            profile_dir=_PROFILE.value)
   print(benchmarking.markdown_table(report))
   if _OUT.value:
     benchmarking.write_json(report, _OUT.value)

@@ -137,6 +137,17 @@ def test_gpu_mode_code_path_on_cpu(tmp_path):
   assert "gpu mode (bfloat16 compute)" in table and "| ppo (no reference) | update s |" in table
 
 
+def test_profile_dir_gets_one_trace_per_measured_call(tmp_path):
+  shapes = benchmarking.Shapes(gen_batches=(2,), gen_prompt=8, gen_new=4, sft_batch=2, sft_seq=16)
+  report = benchmarking.run(["generate", "sft"], preset="tiny", reps=1, shapes=shapes,
+                            device="cpu", workdir=str(tmp_path / "work"),
+                            profile_dir=str(tmp_path / "prof"))
+  assert [r["metric"] for r in report["rows"]][:1] == ["decode tok/s b2"]
+  for name in ("generate_b2", "sft_B2xT16"):
+    traces = list((tmp_path / "prof" / name).rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0, name
+
+
 def test_decode_floor_counts_weights_and_cache():
   from configs.models import model_config
   cfg = model_config("mistral_7b", dtype="bfloat16", param_dtype="bfloat16")
