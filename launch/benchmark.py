@@ -61,29 +61,35 @@ def _pin_threads(threads: int | None) -> int:
   return threads
 
 
-def _overrides(items: list[str]) -> dict:
-  """`key=value` strings -> MistralConfig fields, values typed like the field's default."""
-  import dataclasses
+# Model fields a benchmark may override: how cai_jax computes, never the shapes (the
+# params are built before the overrides apply).
+_OVERRIDABLE = {"attention_impl": str, "decode_loop": str, "remat": bool, "remat_policy": str,
+                "attention_query_block": int}
 
+
+def _overrides(items: list[str]) -> dict:
+  """`key=value` strings -> MistralConfig fields, checked by building a config with them."""
   from cai_jax.model import MistralConfig
-  fields = {f.name: f for f in dataclasses.fields(MistralConfig)}
   out = {}
   for item in items:
     key, sep, value = item.partition("=")
-    if not sep or key not in fields:
+    if not sep or key not in _OVERRIDABLE:
       raise app.UsageError(f"--model_override={item}: expected FIELD=VALUE with FIELD one of "
-                           f"{sorted(fields)}")
-    default = fields[key].default
-    if isinstance(default, bool):
-      if value.lower() not in ("true", "false"):
-        raise app.UsageError(f"--model_override={item}: {key} is true or false")
-      out[key] = value.lower() == "true"
-    elif isinstance(default, int) and value.lstrip("-").isdigit():
-      out[key] = int(value)
-    elif isinstance(default, float):
-      out[key] = float(value)
-    else:
-      out[key] = value
+                           f"{sorted(_OVERRIDABLE)}")
+    kind = _OVERRIDABLE[key]
+    try:
+      if kind is bool:
+        if value.lower() not in ("true", "false"):
+          raise ValueError(f"{key} is true or false")
+        out[key] = value.lower() == "true"
+      else:
+        out[key] = kind(value)
+    except ValueError as e:
+      raise app.UsageError(f"--model_override={item}: {e}") from None
+  try:
+    MistralConfig(**out)
+  except ValueError as e:
+    raise app.UsageError(f"--model_override: {e}") from None
   return out
 
 

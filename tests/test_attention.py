@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from cai_jax.model import Mistral, MistralConfig, resolve_attention_impl
+from cai_jax.model.mistral import whole_sequence_attention
 from configs.models import model_config
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -140,6 +141,17 @@ def test_cudnn_where_it_cannot_run_is_a_clear_error(backend, dtype, match):
   cfg = model_config("tiny", dtype=dtype, attention_impl="cudnn")
   with pytest.raises(ValueError, match=match):
     resolve_attention_impl(cfg, backend)
+
+
+def test_odd_masked_lengths_leave_cudnn():
+  """cuDNN's gradient kernels take a mask (applied as a bias) only over even lengths."""
+  auto = model_config("tiny", dtype="bfloat16")
+  assert whole_sequence_attention(auto, 48, True, "gpu") == "cudnn"
+  assert whole_sequence_attention(auto, 47, False, "gpu") == "cudnn"
+  assert whole_sequence_attention(auto, 47, True, "gpu") == "einsum"
+  with pytest.raises(ValueError, match="odd sequence length"):
+    whole_sequence_attention(auto.replace(attention_impl="cudnn"), 47, True, "gpu")
+  assert whole_sequence_attention(auto.replace(attention_impl="xla"), 47, True, "gpu") == "xla"
 
 
 def test_unknown_implementation_is_refused():

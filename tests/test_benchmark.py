@@ -167,6 +167,18 @@ def test_decode_floor_counts_weights_and_cache():
       2 * (cfg.num_params("lm") - cfg.vocab_size * cfg.hidden_size) * big / 989e12))
 
 
+def test_model_overrides_are_typed_and_checked():
+  from absl import app
+
+  from launch import benchmark as cli
+  assert cli._overrides(["attention_impl=xla", "remat=true", "attention_query_block=64"]) == {
+      "attention_impl": "xla", "remat": True, "attention_query_block": 64}
+  for bad in ("hidden_size=64", "remat=maybe", "attention_impl=flash", "attention_query_block=x",
+              "decode_loop"):
+    with pytest.raises(app.UsageError, match="--model_override"):
+      cli._overrides([bad])
+
+
 def test_bad_mode():
   with pytest.raises(ValueError, match="unknown benchmark mode"):
     benchmarking.run("decode", preset="tiny")

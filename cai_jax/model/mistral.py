@@ -211,6 +211,21 @@ def resolve_attention_impl(config: MistralConfig, backend: str | None = None) ->
   return impl
 
 
+def whole_sequence_attention(config: MistralConfig, seq_len: int, masked: bool,
+                             backend: str | None = None) -> str:
+  """The implementation a whole-sequence pass of `seq_len` tokens uses: as
+  `resolve_attention_impl`, except that cuDNN applies a mask as a bias, which its
+  gradient kernels take only for even lengths; then "auto" falls back to "einsum" and
+  an explicit "cudnn" is an error."""
+  impl = resolve_attention_impl(config, backend)
+  if impl == "cudnn" and masked and seq_len % 2:
+    if config.attention_impl == "auto":
+      return "einsum"
+    raise ValueError(f"attention_impl='cudnn' cannot apply a padding/segment mask over an odd "
+                     f"sequence length ({seq_len}); use an even length or 'auto'")
+  return impl
+
+
 def fused_attention_mask(k_col: Array, segment_ids: Array | None) -> Array:
   """[B, 1, T, T] mask for `jax.nn.dot_product_attention` (which adds causality and the
   window itself): key valid (k_col >= 0) and in the query's segment. The diagonal is
@@ -253,7 +268,10 @@ class Attention(nn.Module):
     v = proj("btd,dhk->bthk", (D, K, hd), ("embed", "kv_heads", "head_dim"), "v_proj")(x)
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
-    impl = "einsum" if layer_cache is not None else resolve_attention_impl(cfg)
+    # The mask's form carries the caller's choice (`whole_sequence_attention`): [B, T, S]
+    # for the einsum path, None or [B, 1, T, T] for a fused implementation.
+    fused_form = layer_cache is None and (mask is None or mask.ndim == 4)
+    impl = resolve_attention_impl(cfg) if fused_form else "einsum"
     fused = None
     if impl != "einsum":  # [B, T, K, hd] is the layout jax.nn.dot_product_attention takes
       fused = attend_fused(q, k, v, mask, cfg.sliding_window, impl).astype(cfg.compute_dtype)
@@ -423,10 +441,11 @@ class Mistral(nn.Module):
     if cache is None:
       cols = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
       k_col = cols if attention_mask is None else jnp.where(attention_mask.astype(bool), cols, -1)
-      if resolve_attention_impl(cfg) == "einsum":
+      masked = attention_mask is not None or segment_ids is not None
+      if whole_sequence_attention(cfg, T, masked) == "einsum":
         mask = attention_mask_from_columns(cols, k_col, cfg.sliding_window, segment_ids,
                                            segment_ids)
-      elif attention_mask is None and segment_ids is None:
+      elif not masked:
         mask = None  # plain causal: the kernel needs no mask at all
       else:
         mask = fused_attention_mask(k_col, segment_ids)

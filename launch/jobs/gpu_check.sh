@@ -43,7 +43,7 @@ for mode in sft generate attention ppo; do
   # jax.profiler traces of one SFT step and one PPO iteration (a decode trace is too large)
   [[ $mode == sft || $mode == ppo ]] && extra=(--profile_dir="$RESULTS/profile")
   step "$mode" 40 python3 -m launch.benchmark --device=gpu --what="$mode" --reps=$reps \
-    --out="$RESULTS/$mode.json" "${extra[@]}"
+    --out="$RESULTS/$mode.json" ${extra[@]+"${extra[@]}"}
   [[ -f "$RESULTS/$mode.log" ]] && sed -n '/^cai_jax vs references/,$p' "$RESULTS/$mode.log" \
     >"$RESULTS/$mode.md"
 done
