@@ -70,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cai_jax.compile_options import gradient_program_options
+from cai_jax.model import resolve_attention_impl
 
 MODES = ("model", "attention", "generate", "sft", "ppo")
 
@@ -420,8 +421,7 @@ def decode_step_floor(cfg, batch: int, context: float, ceilings: dict) -> float:
 # --- model: forward and forward+backward -----------------------------------------
 
 def bench_model(setup: Setup, shapes: Shapes, reps: int, ceilings: dict) -> dict:
-  """Forward (logits) and forward+backward (mean next-token CE, all grads) of one batch;
-  in the GPU mode also the attention kernels alone (`bench_attention`)."""
+  """Forward (logits) and forward+backward (mean next-token CE, all grads) of one batch."""
   from cai_jax.model import Mistral
   from cai_jax.train.lm import make_lm_loss
   cfg, params = setup.config, setup.params
@@ -472,7 +472,7 @@ def bench_model(setup: Setup, shapes: Shapes, reps: int, ceilings: dict) -> dict
   n_tok = B * T
   fwd_flops = cfg.flops_per_token(T) * n_tok
   r = {"batch": B, "seq_len": T, "forward_flops_per_token": cfg.flops_per_token(T),
-       "attention_impl": _resolved_attention(cfg),
+       "attention_impl": resolve_attention_impl(cfg),
        "seconds": {"cai_jax_forward": ours_fwd, "torch_forward": ref_fwd,
                    "cai_jax_forward_backward": ours_bwd, "torch_forward_backward": ref_bwd}}
   tf, rf, tb, rb = map(median, (ours_fwd, ref_fwd, ours_bwd, ref_bwd))
@@ -489,11 +489,6 @@ def bench_model(setup: Setup, shapes: Shapes, reps: int, ceilings: dict) -> dict
            3 * fwd_flops / rb / 1e9, floor=peak / 1e9, gpu=gpu),
   ]
   return r
-
-
-def _resolved_attention(cfg) -> str:
-  from cai_jax.model import resolve_attention_impl
-  return resolve_attention_impl(cfg)
 
 
 def bench_attention(setup: Setup, shapes: Shapes, reps: int, ceilings: dict) -> dict:
@@ -631,7 +626,7 @@ def bench_sft(setup: Setup, shapes: Shapes, reps: int, ceilings: dict) -> dict:
   mode). One step at (sft_batch, sft_seq), then each of `shapes.sft_extra`."""
   runs = [(shapes.sft_batch, shapes.sft_seq)] + list(shapes.sft_extra)
   out = {"optimizer": {**SFT_OPTIM, "torch": "AdamW(fused=True)"},
-         "attention_impl": _resolved_attention(setup.config), "runs": [], "rows": []}
+         "attention_impl": resolve_attention_impl(setup.config), "runs": [], "rows": []}
   for i, (B, T) in enumerate(runs):
     res = _bench_sft_once(setup, B, T, reps, ceilings, "" if i == 0 else f" B{B}xT{T}")
     out["rows"] += res.pop("rows")

@@ -23,8 +23,8 @@ sampled from (after processing); `model_logprobs` are the raw model's
 
 from __future__ import annotations
 
-import dataclasses
 import collections
+import dataclasses
 import functools
 from typing import Any, NamedTuple, Sequence
 
@@ -379,20 +379,32 @@ def bucket(n: int, minimum: int = 16) -> int:
   return size
 
 
+def sampling_params_shardings(mesh) -> SamplingParams:
+  """`SamplingParams` sharded by row over the mesh's batch axes."""
+  from cai_jax import parallel
+  rows = parallel.batch_sharding(mesh, 1)
+  return SamplingParams(*([rows] * 7), parallel.batch_sharding(mesh, 3),
+                        parallel.batch_sharding(mesh, 2))
+
+
+def _jit_prompt_program(fn, config: MistralConfig, mesh):
+  """jit of `fn(params, prompt_ids, prompt_lengths, sp)`, its inputs sharded on `mesh`."""
+  if mesh is None:
+    return jax.jit(fn)
+  from cai_jax import parallel
+  return jax.jit(fn, in_shardings=(parallel.param_shardings(config, mesh),
+                                   parallel.batch_sharding(mesh, 2),
+                                   parallel.batch_sharding(mesh, 1),
+                                   sampling_params_shardings(mesh)))
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled_sample(config: MistralConfig, max_new_tokens: int, pad_id: int,
                      num_top_logprobs: int, return_prompt_logprobs: bool, mesh=None):
   fn = functools.partial(sample, config, max_new_tokens=max_new_tokens, pad_id=pad_id,
                          num_top_logprobs=num_top_logprobs,
                          return_prompt_logprobs=return_prompt_logprobs)
-  if mesh is None:
-    return jax.jit(fn)
-  from cai_jax import parallel
-  rows = parallel.batch_sharding(mesh, 1)
-  sp_shardings = SamplingParams(*([rows] * 7), parallel.batch_sharding(mesh, 3),
-                                parallel.batch_sharding(mesh, 2))
-  param_sh = parallel.param_shardings(config, mesh)
-  return jax.jit(fn, in_shardings=(param_sh, parallel.batch_sharding(mesh, 2), rows, sp_shardings))
+  return _jit_prompt_program(fn, config, mesh)
 
 
 @functools.lru_cache(maxsize=64)
@@ -409,16 +421,8 @@ def _compiled_stepwise(config: MistralConfig, max_new_tokens: int, pad_id: int,
                      num_top_logprobs=num_top_logprobs)
     return c, jnp.all(c["done"])
 
-  step = jax.jit(step, donate_argnums=1)   # shardings follow the prefill's outputs
-  if mesh is None:
-    return jax.jit(prefill), step
-  from cai_jax import parallel
-  rows = parallel.batch_sharding(mesh, 1)
-  sp_shardings = SamplingParams(*([rows] * 7), parallel.batch_sharding(mesh, 3),
-                                parallel.batch_sharding(mesh, 2))
-  param_sh = parallel.param_shardings(config, mesh)
-  return jax.jit(prefill, in_shardings=(param_sh, parallel.batch_sharding(mesh, 2), rows,
-                                        sp_shardings)), step
+  # The step's shardings follow the prefill's outputs.
+  return _jit_prompt_program(prefill, config, mesh), jax.jit(step, donate_argnums=1)
 
 
 def _sample_stepwise(fns, params, ids, lengths, sp, *, steps: int,

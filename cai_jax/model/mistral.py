@@ -254,10 +254,11 @@ def attend_fused(q: Array, k: Array, v: Array, mask: Array | None, sliding_windo
 
 class Attention(nn.Module):
   config: MistralConfig
+  impl: str = "einsum"   # `whole_sequence_attention`'s choice; decode steps: "einsum"
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, layer_cache, write_slots):
-    """`mask`: [B, T, S] for the einsum path; for a fused implementation (no cache) the
+    """`mask`: [B, T, S] for the einsum path; for a fused `impl` the
     `fused_attention_mask` or None."""
     cfg = self.config
     H, K, hd, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
@@ -268,13 +269,9 @@ class Attention(nn.Module):
     v = proj("btd,dhk->bthk", (D, K, hd), ("embed", "kv_heads", "head_dim"), "v_proj")(x)
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
-    # The mask's form carries the caller's choice (`whole_sequence_attention`): [B, T, S]
-    # for the einsum path, None or [B, 1, T, T] for a fused implementation.
-    fused_form = layer_cache is None and (mask is None or mask.ndim == 4)
-    impl = resolve_attention_impl(cfg) if fused_form else "einsum"
     fused = None
-    if impl != "einsum":  # [B, T, K, hd] is the layout jax.nn.dot_product_attention takes
-      fused = attend_fused(q, k, v, mask, cfg.sliding_window, impl).astype(cfg.compute_dtype)
+    if self.impl != "einsum":  # [B, T, K, hd] is the layout jax.nn.dot_product_attention takes
+      fused = attend_fused(q, k, v, mask, cfg.sliding_window, self.impl)
     k = k.transpose(0, 2, 1, 3)    # [B, K, T, hd], the cache layout
     v = v.transpose(0, 2, 1, 3)
 
@@ -340,13 +337,14 @@ class DecoderLayer(nn.Module):
   """One pre-norm block; the scan carry is the residual stream."""
   config: MistralConfig
   return_kv: bool = False
+  attention: str = "einsum"   # the attention implementation (`Attention.impl`)
 
   @nn.compact
   def __call__(self, carry, cos, sin, mask, write_slots):
     x, layer_cache = carry
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
-    attn_out, new_cache = Attention(cfg, name="self_attn")(
+    attn_out, new_cache = Attention(cfg, self.attention, name="self_attn")(
         norm("input_layernorm")(x), cos, sin, mask, layer_cache, write_slots)
     x = x + attn_out
     x = x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
@@ -442,7 +440,8 @@ class Mistral(nn.Module):
       cols = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
       k_col = cols if attention_mask is None else jnp.where(attention_mask.astype(bool), cols, -1)
       masked = attention_mask is not None or segment_ids is not None
-      if whole_sequence_attention(cfg, T, masked) == "einsum":
+      attention = whole_sequence_attention(cfg, T, masked)
+      if attention == "einsum":
         mask = attention_mask_from_columns(cols, k_col, cfg.sliding_window, segment_ids,
                                            segment_ids)
       elif not masked:
@@ -452,6 +451,7 @@ class Mistral(nn.Module):
       write_slots = None
       new_col = None
     else:
+      attention = "einsum"  # a decode step reads the cache in its own layout
       q_cols = cache.index + jnp.arange(T, dtype=jnp.int32)
       write_slots = q_cols % cache.num_slots
       written = jnp.broadcast_to(q_cols, (B, T))
@@ -483,7 +483,7 @@ class Mistral(nn.Module):
         # Fully unrolled, lax.scan emits no loop: each layer reads its slice of the
         # stacked weights at a static offset (see MistralConfig.decode_loop).
         unroll=cfg.num_hidden_layers if (cache is not None and cfg.unrolls_decode()) else 1,
-    )(cfg, return_kv=return_kv, name="layers")
+    )(cfg, return_kv=return_kv, attention=attention, name="layers")
     layer_cache = None if cache is None else (cache.k, cache.v, jnp.zeros((), jnp.int32))
     (x, carried), kv = layers((x, layer_cache), cos, sin, mask, write_slots)
 

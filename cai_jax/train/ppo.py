@@ -411,7 +411,7 @@ class PPOTrainer:
     mesh, P, N, hp = self.mesh, self.P, self.N, self.hp
     rows = lambda nd: parallel.batch_sharding(mesh, nd)
     replicated = NamedSharding(mesh, PartitionSpec())
-    sp_sh = sampling.SamplingParams(*([rows(1)] * 7), rows(3), rows(2))
+    sp_sh = sampling.sampling_params_shardings(mesh)
     roll_sh = Rollout(rows(2), rows(2), rows(2), rows(2), rows(2), rows(1), rows(1))
     exp_sh = Experience(roll_sh, rows(2), rows(2), rows(2), rows(2), rows(1), rows(2))
     self.replicated = replicated
