@@ -70,7 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cai_jax.compile_options import gradient_program_options
-from cai_jax.model import resolve_attention_impl
+from cai_jax.model import init_params, param_shardings, resolve_attention_impl
 
 MODES = ("model", "attention", "generate", "sft", "ppo")
 
@@ -303,12 +303,13 @@ def prepare(preset: str, workdir: str, seed: int = 0, *, device: str = "cpu",
   the torch side builds its own (`Setup.torch_lm`)."""
   torch, transformers = _import_torch()
   from cai_jax import checkpoint, parallel
-  from configs.models import model_config
-  cfg = model_config(preset)
+  from cai_jax.model import MistralConfig
+  from configs.models import get_config as model_preset
+  cfg = MistralConfig.from_config(model_preset(preset))
   if not shared_weights:
     cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype)
-    mesh = parallel.create_mesh([1, 1, 1], devices=jax.devices()[:1])
-    params, _ = parallel.init_params(cfg, mesh, jax.random.PRNGKey(seed))
+    mesh = parallel.mesh_from_config(parallel.ONE_DEVICE)
+    params, _ = init_params(cfg, mesh, jax.random.PRNGKey(seed))
     jax.block_until_ready(params)
     log(f"model {preset}: {cfg.num_params('lm') / 1e6:.1f}M params ({param_dtype}), "
         "initialised on the device")
@@ -650,10 +651,10 @@ def _bench_sft_once(setup: Setup, B: int, T: int, reps: int, ceilings: dict,
                 "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
                 "loss_mask": loss_mask}
 
-  mesh = parallel.create_mesh([1, 1, 1], devices=jax.devices()[:1])
+  mesh = parallel.mesh_from_config(parallel.ONE_DEVICE)
   optim_cfg = ml_collections.ConfigDict({**SFT_OPTIM, "schedule": "constant", "warmup_steps": 0})
   tx, schedule = make_optimizer(optim_cfg, total_steps=reps + 1)
-  p_sh = parallel.param_shardings(cfg, mesh)
+  p_sh = param_shardings(cfg, mesh)
   batch_sh = {k: parallel.batch_sharding(mesh, 2) for k in host_batch}
 
   def run_ours():
@@ -762,7 +763,7 @@ def _ours_ppo(setup: Setup, shapes: Shapes, iterations: int) -> list[dict]:
                  grad_clip=0.0)  # TRL's loop steps its optimizer without clipping
   if setup.device == "gpu":  # as configs/ppo.py's mistral_7b: bf16 compute, fp32 masters
     cfg.dtype, cfg.param_dtype, cfg.frozen_dtype = "bfloat16", "float32", "bfloat16"
-  mesh = parallel.create_mesh([1, 1, 1], devices=jax.devices()[:1])
+  mesh = parallel.mesh_from_config(parallel.ONE_DEVICE)
   V = setup.config.vocab_size
   log("ppo: building cai_jax PPOTrainer (actor, reference, critic, reward model)")
   # The end-of-turn id is one past the vocabulary, so no row can stop: every

@@ -33,7 +33,7 @@ import numpy as np
 
 from cai_jax import sampling
 from cai_jax import tokenizer as tokenizer_lib
-from cai_jax.model import MistralConfig
+from cai_jax.model import MistralConfig, param_shardings
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class TextGenerator:
           config = MistralConfig.from_hf_dict(json.load(f), source=cfg_path)
       else:
         config = checkpoint.read_hf_config(model_dir)
-      shardings = parallel.param_shardings(config, mesh)
+      shardings = param_shardings(config, mesh)
     config, params, head = checkpoint.load_model(model_dir, head="lm", shardings=shardings)
     if head != "lm":
       raise ValueError(f"{model_dir}: holds a {head!r}-head model; generation needs an LM head")

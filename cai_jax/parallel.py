@@ -9,7 +9,7 @@ left replicated on that dimension (e.g. one KV head on a 2-way tensor axis);
 Typical use:
 
     mesh = create_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    params, shardings = init_params(config, mesh, rng)      # never materialised unsharded
+    params, shardings = cai_jax.model.init_params(config, mesh, rng)  # born sharded
     with use_mesh(mesh):                                      # activation constraints
       logits = jax.jit(apply, in_shardings=..., out_shardings=...)(params, batch)
 """
@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}   # `mesh_from_config(ONE_DEVICE)`: the first device
 BATCH_AXES = ("data", "fsdp")
 
 # Logical axis -> mesh axes. Weights: FSDP over the embedding dimension,
@@ -85,6 +86,19 @@ def create_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
   return Mesh(grid, MESH_AXES)
 
 
+def mesh_from_config(mesh_cfg: Mapping[str, int] | None = None) -> Mesh:
+  """The mesh a config's `mesh` block (data / fsdp / tensor sizes, -1 = the rest) asks for;
+  None or {} = all devices on 'fsdp'. When every size is given and together they ask for
+  fewer devices than this single process has (a one-device run on a bigger host), the mesh
+  takes the first devices. Every stage, the server and the benchmark build meshes here."""
+  m = mesh_cfg or {}
+  sizes = [int(m.get(a, default)) for a, default in zip(MESH_AXES, (1, -1, 1))]
+  n = math.prod(sizes)
+  if -1 not in sizes and jax.process_count() == 1 and n < jax.device_count():
+    return create_mesh(sizes, devices=jax.devices()[:n])
+  return create_mesh(sizes)
+
+
 def mesh_spec(logical: Sequence[str | None] | P | None, shape: Sequence[int], mesh: Mesh,
               rules=RULES) -> P:
   """Maps logical axis names to a PartitionSpec valid for an array of `shape`."""
@@ -121,33 +135,6 @@ def tree_shardings(abstract_tree, logical_tree, mesh: Mesh, rules=RULES):
   return jax.tree_util.tree_map(
       lambda a, spec: NamedSharding(mesh, mesh_spec(spec, a.shape, mesh, rules)),
       abstract_tree, logical_tree, is_leaf=lambda x: isinstance(x, P))
-
-
-def model_logical_specs(config, head: str = "lm"):
-  """Logical PartitionSpecs of `Mistral(config, head)` params (no allocation)."""
-  from cai_jax.model import Mistral
-  boxed = jax.eval_shape(
-      lambda: Mistral(config, head=head).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
-  return logical_specs(boxed)["params"], nn.unbox(boxed)["params"]
-
-
-def param_shardings(config, mesh: Mesh, head: str = "lm", rules=RULES):
-  """NamedShardings of the params pytree of `Mistral(config, head)` on `mesh`."""
-  specs, abstract = model_logical_specs(config, head)
-  return tree_shardings(abstract, specs, mesh, rules)
-
-
-def init_params(config, mesh: Mesh, rng, head: str = "lm", rules=RULES):
-  """Random-init params created directly sharded: eval_shape -> shardings -> jitted init."""
-  from cai_jax.model import Mistral
-  shardings = param_shardings(config, mesh, head, rules)
-  model = Mistral(config, head=head)
-
-  def init(r):
-    return nn.unbox(model.init(r, jnp.zeros((1, 1), jnp.int32)))["params"]
-
-  params = jax.jit(init, out_shardings=shardings)(rng)
-  return params, shardings
 
 
 def shard_tree(tree, shardings):

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cai_jax.model import Mistral, MistralConfig, cache_from_prefill, cache_slots
+from cai_jax.model import Mistral, MistralConfig, cache_from_prefill, cache_slots, param_shardings
 
 NEG_INF = -1e30
 MAX_STOP_SEQUENCES = 8
@@ -392,7 +392,7 @@ def _jit_prompt_program(fn, config: MistralConfig, mesh):
   if mesh is None:
     return jax.jit(fn)
   from cai_jax import parallel
-  return jax.jit(fn, in_shardings=(parallel.param_shardings(config, mesh),
+  return jax.jit(fn, in_shardings=(param_shardings(config, mesh),
                                    parallel.batch_sharding(mesh, 2),
                                    parallel.batch_sharding(mesh, 1),
                                    sampling_params_shardings(mesh)))

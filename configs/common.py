@@ -53,3 +53,19 @@ def add_run_fields(c: ml_collections.ConfigDict, *, eval_every: int, save_every:
   c.seed = 0
   c.export_hf = True                    # also write the final model as HF safetensors
   c.guard = guard_config()
+
+
+def backend_config(**overrides) -> ml_collections.ConfigDict:
+  """Where a data stage's text comes from (`cai_jax.cai.backends.make_backend`).
+
+  kind: local (a cai_jax model dir, in this process) | nemo (`PUT /generate`) | openai
+  (`/v1/completions`). `timeout` (seconds per request), `retries` and `backoff` (first retry
+  delay, doubling) apply to the remote kinds; `batch_size` is prompts per engine call
+  (local) or per request (nemo); `concurrency` is requests in flight (openai); the API key
+  is read from the environment variable `api_key_env`, never from the config.
+  """
+  c = ml_collections.ConfigDict(dict(kind="local", model_dir="", tokenizer="", template="nemo",
+                                     url="", model="", api_key_env="", timeout=600.0, retries=3,
+                                     backoff=1.0, batch_size=32, concurrency=8))
+  c.update(overrides)
+  return c

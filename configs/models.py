@@ -1,7 +1,8 @@
-"""Model presets: `--config=configs/models.py:small` or `model_config("tiny")`.
+"""Model presets: `--config=configs/models.py:small` or `get_config("tiny")`.
 
 Every stage config embeds one of these under `config.model`; the field names
-are `cai_jax.model.MistralConfig`'s (HF's names).
+are `cai_jax.model.MistralConfig`'s (HF's names), which builds one with
+`MistralConfig.from_config(cfg.model)`. Plain data: nothing here imports the library.
 """
 
 import ml_collections
@@ -36,16 +37,3 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   if preset not in PRESETS:
     raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
   return ml_collections.ConfigDict({**_DEFAULTS, **PRESETS[preset]})
-
-
-def to_mistral_config(cfg):
-  """ConfigDict (or dict) -> `cai_jax.model.MistralConfig`."""
-  from cai_jax.model import MistralConfig
-  d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-  return MistralConfig(**d)
-
-
-def model_config(preset: str, **overrides):
-  cfg = get_config(preset)
-  cfg.update(overrides)
-  return to_mistral_config(cfg)

@@ -25,8 +25,8 @@ Presets:
 
 import ml_collections
 
-from cai_jax.cai.backends import backend_config
 from configs import models, ppo, process_hh, rl_cai, rm, sft, sl_cai
+from configs.common import backend_config
 
 STAGES = ("tokenizer", "chat_tokens", "base", "sl_cai", "sft", "hh", "rl_cai", "rm", "ppo",
           "evaluate")

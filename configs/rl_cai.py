@@ -14,7 +14,7 @@ Presets:
 
 import ml_collections
 
-from cai_jax.cai.backends import backend_config
+from configs.common import backend_config
 
 
 def judge_config(**overrides) -> ml_collections.ConfigDict:

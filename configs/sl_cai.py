@@ -23,7 +23,7 @@ Fields:
   that many helpfulness records per SL-CAI record).
 - `template`: chat template that renders every prompt (nemo | mistral_inst).
 - `generation`: `cai_jax.cai.backends.GenerationSettings` fields.
-- `backend`: where text comes from (`backends.backend_config`): kind local
+- `backend`: where text comes from (`configs.common.backend_config`): kind local
   (model_dir) | nemo (url of `PUT /generate`) | openai (url of `/v1`).
 - `mesh`: how a local model is sharded over the devices (data, fsdp, tensor).
 - `restart`: discard a partial output instead of resuming it.
@@ -31,7 +31,7 @@ Fields:
 
 import ml_collections
 
-from cai_jax.cai.backends import backend_config
+from configs.common import backend_config
 
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:

@@ -12,7 +12,7 @@ import json
 from absl import app, flags
 
 from cai_jax import plan
-from configs.models import to_mistral_config
+from cai_jax.model import MistralConfig
 from launch import runtime
 
 _CONFIG = runtime.define_config("configs/pipeline.py:mistral_7b", "Pipeline config.")
@@ -22,7 +22,7 @@ _JSON = flags.DEFINE_string("json", "", "Also write the numbers (bytes) to this 
 
 
 def model_with(cfg, stage_cfg):
-  m = to_mistral_config(stage_cfg.model)
+  m = MistralConfig.from_config(stage_cfg.model)
   over = {k: stage_cfg.get(k) for k in ("dtype", "param_dtype", "remat_policy")
           if stage_cfg.get(k)}
   return m.replace(**over, remat=bool(stage_cfg.get("remat", False)))
@@ -63,7 +63,7 @@ def main(argv):
   sizes = [int(x) for x in _MESH.value]
   mesh = plan.Mesh(*sizes)
   stages = plan_pipeline(_CONFIG.value, mesh)
-  m = to_mistral_config(_CONFIG.value.sft.model)
+  m = MistralConfig.from_config(_CONFIG.value.sft.model)
   print(f"model: {m.num_params('lm'):,} params (LM head), {m.num_params('scalar'):,} (scalar head); "
         f"mesh data={mesh.data} fsdp={mesh.fsdp} tensor={mesh.tensor} ({mesh.devices} devices)")
   print(plan.format_table(stages, _DEVICE_GB.value))

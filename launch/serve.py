@@ -55,14 +55,14 @@ def parse_mesh(spec: str):
 
   from cai_jax import parallel
   if not spec:
-    return None if jax.device_count() == 1 else parallel.create_mesh()
+    return None if jax.device_count() == 1 else parallel.mesh_from_config(None)
   try:
     sizes = [int(s) for s in spec.split(",")]
   except ValueError:
     raise app.UsageError(f"--mesh={spec!r}: expected three integers 'data,fsdp,tensor'") from None
   if len(sizes) != 3:
     raise app.UsageError(f"--mesh={spec!r}: expected three sizes 'data,fsdp,tensor'")
-  return parallel.create_mesh(sizes)
+  return parallel.mesh_from_config(dict(zip(parallel.MESH_AXES, sizes)))
 
 
 def main(argv):

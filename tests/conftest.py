@@ -68,10 +68,11 @@ def serve_generator(tokenizer):
 
   from cai_jax import parallel
   from cai_jax.engine import TextGenerator
-  from configs.models import model_config
-  config = model_config("tiny", vocab_size=tokenizer.vocab_size)
+  from cai_jax.model import MistralConfig, init_params
+  from configs.models import get_config as model_preset
+  config = MistralConfig.from_config(model_preset("tiny"), vocab_size=tokenizer.vocab_size)
   mesh = parallel.create_mesh([1, 1, 1], devices=jax.devices()[:1])
-  params, _ = parallel.init_params(config, mesh, jax.random.PRNGKey(0))
+  params, _ = init_params(config, mesh, jax.random.PRNGKey(0))
   return TextGenerator(config, params, tokenizer, template="nemo")
 
 
@@ -160,9 +161,10 @@ def rl_cai_model_dir(sp_model_path, tmp_path_factory) -> str:
   import jax.numpy as jnp
 
   from cai_jax import checkpoint
-  from cai_jax.model import Mistral
-  from configs.models import model_config
-  config = model_config("tiny", vocab_size=Tokenizer.from_file(sp_model_path).vocab_size)
+  from cai_jax.model import Mistral, MistralConfig
+  from configs.models import get_config as model_preset
+  config = MistralConfig.from_config(model_preset("tiny"),
+                                     vocab_size=Tokenizer.from_file(sp_model_path).vocab_size)
   init = jax.jit(lambda rng: nn.unbox(Mistral(config).init(rng, jnp.zeros((1, 1), jnp.int32))))
   params = init(jax.random.PRNGKey(7))["params"]
   params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 30.0

@@ -75,11 +75,12 @@ def main(argv=None):
   args = parser.parse_args(argv)
   jax = loopback.join(args)
   from cai_jax import parallel
+  from cai_jax.model import init_params
 
   assert jax.process_count() == args.num_processes, jax.process_count()
   assert jax.local_device_count() == 2 and jax.device_count() == 2 * args.num_processes
   mesh = parallel.create_mesh(MESH_SHAPE)
-  params, shardings = parallel.init_params(model_config(), mesh, jax.random.PRNGKey(SEED))
+  params, shardings = init_params(model_config(), mesh, jax.random.PRNGKey(SEED))
   batch_s = parallel.batch_sharding(mesh)
 
   batch = global_batch()

@@ -17,7 +17,7 @@ import pytest
 
 from cai_jax.model import Mistral, MistralConfig, resolve_attention_impl
 from cai_jax.model.mistral import whole_sequence_attention
-from configs.models import model_config
+from configs.models import get_config as model_preset
 
 ON_GPU = jax.default_backend() == "gpu"
 IMPLS = ["xla"] + (["cudnn"] if ON_GPU else [])
@@ -72,7 +72,7 @@ CASES = FAST_CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW_CAS
 def test_outputs_and_gradients_match_the_einsum_path(impl, dtype, kv_heads, case, window):
   if impl == "cudnn" and dtype == "float32":
     pytest.skip("cuDNN flash attention takes bf16/fp16 only")
-  base = model_config("tiny", num_key_value_heads=kv_heads, sliding_window=window, dtype=dtype,
+  base = MistralConfig.from_config(model_preset("tiny"), num_key_value_heads=kv_heads, sliding_window=window, dtype=dtype,
                       attention_query_block=16, num_hidden_layers=1)
   tokens = jnp.asarray(np.random.default_rng(kv_heads).integers(3, 500, (B, T)), jnp.int32)
   params = Mistral(base).init(jax.random.PRNGKey(kv_heads), tokens)["params"]
@@ -90,7 +90,7 @@ def test_outputs_and_gradients_match_the_einsum_path(impl, dtype, kv_heads, case
 def test_window_and_segments_change_the_fused_result():
   """The comparisons above would pass vacuously if the fused path ignored the window or
   the segments; it must not."""
-  cfg = model_config("tiny", sliding_window=None, attention_impl="xla")
+  cfg = MistralConfig.from_config(model_preset("tiny"), sliding_window=None, attention_impl="xla")
   tokens = jnp.asarray(np.random.default_rng(0).integers(3, 500, (B, T)), jnp.int32)
   params = Mistral(cfg).init(jax.random.PRNGKey(0), tokens)["params"]
   plain = Mistral(cfg).apply({"params": params}, tokens)
@@ -105,7 +105,7 @@ def test_window_and_segments_change_the_fused_result():
 
 def test_prefill_cache_is_the_same_for_every_implementation():
   """A prefill through a fused implementation hands decode the same keys and values."""
-  cfg = model_config("tiny", dtype="bfloat16" if ON_GPU else "float32")
+  cfg = MistralConfig.from_config(model_preset("tiny"), dtype="bfloat16" if ON_GPU else "float32")
   tokens = jnp.asarray(np.random.default_rng(3).integers(3, 500, (B, T)), jnp.int32)
   valid = jnp.asarray(np.arange(T)[None, :] >= np.array([[0], [5]]))
   params = Mistral(cfg).init(jax.random.PRNGKey(3), tokens)["params"]
@@ -127,7 +127,7 @@ def test_prefill_cache_is_the_same_for_every_implementation():
     ("gpu", "bfloat16", 256, "einsum"),
 ])
 def test_auto_picks_the_documented_implementation(backend, dtype, head_dim, expected):
-  cfg = model_config("tiny", dtype=dtype, head_dim=head_dim)
+  cfg = MistralConfig.from_config(model_preset("tiny"), dtype=dtype, head_dim=head_dim)
   assert resolve_attention_impl(cfg, backend) == expected
   for explicit in ("einsum", "xla"):
     assert resolve_attention_impl(cfg.replace(attention_impl=explicit), backend) == explicit
@@ -138,14 +138,14 @@ def test_auto_picks_the_documented_implementation(backend, dtype, head_dim, expe
     ("gpu", "float32", "cannot serve compute dtype float32"),
 ])
 def test_cudnn_where_it_cannot_run_is_a_clear_error(backend, dtype, match):
-  cfg = model_config("tiny", dtype=dtype, attention_impl="cudnn")
+  cfg = MistralConfig.from_config(model_preset("tiny"), dtype=dtype, attention_impl="cudnn")
   with pytest.raises(ValueError, match=match):
     resolve_attention_impl(cfg, backend)
 
 
 def test_odd_masked_lengths_leave_cudnn():
   """cuDNN's gradient kernels take a mask (applied as a bias) only over even lengths."""
-  auto = model_config("tiny", dtype="bfloat16")
+  auto = MistralConfig.from_config(model_preset("tiny"), dtype="bfloat16")
   assert whole_sequence_attention(auto, 48, True, "gpu") == "cudnn"
   assert whole_sequence_attention(auto, 47, False, "gpu") == "cudnn"
   assert whole_sequence_attention(auto, 47, True, "gpu") == "einsum"
@@ -156,4 +156,4 @@ def test_odd_masked_lengths_leave_cudnn():
 
 def test_unknown_implementation_is_refused():
   with pytest.raises(ValueError, match="attention_impl must be one of"):
-    model_config("tiny", attention_impl="flash")
+    MistralConfig.from_config(model_preset("tiny"), attention_impl="flash")

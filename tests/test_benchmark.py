@@ -149,8 +149,10 @@ def test_profile_dir_gets_one_trace_per_measured_call(tmp_path):
 
 
 def test_decode_floor_counts_weights_and_cache():
-  from configs.models import model_config
-  cfg = model_config("mistral_7b", dtype="bfloat16", param_dtype="bfloat16")
+  from cai_jax.model import MistralConfig
+  from configs.models import get_config as model_preset
+  cfg = MistralConfig.from_config(model_preset("mistral_7b"), dtype="bfloat16",
+                                  param_dtype="bfloat16")
   ceilings = {"datasheet_flops": 989e12, "datasheet_bytes_per_s": 4.8e12,
               "matmul_flops": 6e14, "read_bytes_per_s": 4e12}
   weights = cfg.num_params("lm") * 2

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 import hf_utils
 from cai_jax import checkpoint, parallel
 from cai_jax.checkpoint import CheckpointError
-from cai_jax.model import Mistral, MistralConfig
+from cai_jax.model import Mistral, MistralConfig, init_params, param_shardings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,12 +127,12 @@ def test_hf_to_orbax_to_hf_is_bit_identical(tmp_path):
 def test_orbax_restore_onto_a_different_mesh(tmp_path):
   cfg = MistralConfig(**{**hf_utils.TINY, "hidden_size": 64, "intermediate_size": 128})
   saver_mesh = parallel.create_mesh((8, 1, 1))
-  params, _ = parallel.init_params(cfg, saver_mesh, jax.random.PRNGKey(0))
+  params, _ = init_params(cfg, saver_mesh, jax.random.PRNGKey(0))
   path = str(tmp_path / "params")
   checkpoint.save_params(path, params)
 
   mesh = parallel.create_mesh((1, 4, 2))
-  shardings = parallel.param_shardings(cfg, mesh)
+  shardings = param_shardings(cfg, mesh)
   target = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
   restored = checkpoint.restore_params(path, target)
@@ -325,10 +325,10 @@ def test_broken_model_dirs_get_short_messages_that_say_what_they_are(tmp_path):
   import glob
 
   from cai_jax import parallel
-  from configs.models import model_config
-  cfg = model_config("tiny")
+  from configs.models import get_config as model_preset
+  cfg = MistralConfig.from_config(model_preset("tiny"))
   mesh = parallel.create_mesh([1, 1, 1], devices=jax.devices()[:1])
-  params, _ = parallel.init_params(cfg, mesh, jax.random.PRNGKey(0))
+  params, _ = init_params(cfg, mesh, jax.random.PRNGKey(0))
   path = str(tmp_path / "model")
   checkpoint.save_model(path, cfg, params)
   for f in glob.glob(path + "/params/**/manifest.ocdbt", recursive=True):

@@ -4,13 +4,14 @@ import subprocess
 import sys
 
 from cai_jax import plan
-from configs.models import model_config
+from cai_jax.model import MistralConfig
+from configs.models import get_config as model_preset
 
 GIB = 2**30
 
 
 def test_mistral_7b_param_count_is_exact():
-  cfg = model_config("mistral_7b")
+  cfg = MistralConfig.from_config(model_preset("mistral_7b"))
   # Hand count of Mistral-7B-v0.1: embeddings + 32 x (attention + MLP + 2 norms) + norm + head.
   d, f, v, layers = 4096, 14336, 32000, 32
   attn = d * 4096 + 2 * d * 1024 + 4096 * d          # q, k, v (8 KV heads x 128), o
@@ -22,7 +23,8 @@ def test_mistral_7b_param_count_is_exact():
 
 
 def test_sft_bytes_match_hand_computation():
-  cfg = model_config("mistral_7b", param_dtype="float32", dtype="bfloat16")
+  cfg = MistralConfig.from_config(model_preset("mistral_7b"), param_dtype="float32",
+                                   dtype="bfloat16")
   mesh = plan.Mesh(data=1, fsdp=8, tensor=1)
   out = plan.train_stage(cfg, mesh, micro_batch=1, seq=4096, remat=True)
   n = 7_241_732_096
@@ -34,7 +36,8 @@ def test_sft_bytes_match_hand_computation():
 
 
 def test_ppo_counts_four_models():
-  cfg = model_config("mistral_7b", param_dtype="float32", dtype="bfloat16")
+  cfg = MistralConfig.from_config(model_preset("mistral_7b"), param_dtype="float32",
+                                   dtype="bfloat16")
   mesh = plan.Mesh(data=1, fsdp=8, tensor=1)
   out = plan.ppo_stage(cfg, cfg, mesh, rollout_batch=512, prompt_len=512, new_tokens=512,
                        minibatch=64, remat=True, frozen_dtype="bfloat16")

@@ -262,13 +262,14 @@ def model_dirs(tmp_path_factory):
   """A random tiny 'SFT' policy and a random tiny reward model, saved as the SFT and RM
   stages save theirs (cai_jax model directories)."""
   from cai_jax import parallel
-  from configs.models import model_config
-  config = model_config("tiny")
+  from cai_jax.model import MistralConfig, init_params
+  from configs.models import get_config as model_preset
+  config = MistralConfig.from_config(model_preset("tiny"))
   mesh = parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1])
   root = tmp_path_factory.mktemp("models")
   dirs = {}
   for name, head, seed in (("sft", "lm", 11), ("rm", "scalar", 12)):
-    params, _ = parallel.init_params(config, mesh, jax.random.PRNGKey(seed), head=head)
+    params, _ = init_params(config, mesh, jax.random.PRNGKey(seed), head=head)
     dirs[name] = str(root / name)
     checkpoint.save_model(dirs[name], config, params, head=head)
   return dirs

@@ -28,7 +28,8 @@ from cai_jax.data import batching, sources
 from cai_jax.data.jsonl import atomic_write_jsonl
 from cai_jax.tokenizer import MISTRAL_INST, NEMO
 from cai_jax.train import ppo
-from configs.models import model_config
+from cai_jax.model import MistralConfig
+from configs.models import get_config as model_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYSTEM = "You are a careful assistant. Answer briefly."
@@ -61,7 +62,8 @@ def _masked_runs(ids, mask):
 
 def _generator(tokenizer, template):
   """A TextGenerator whose encoding is under test (its model is never run)."""
-  return engine.TextGenerator(model_config("tiny", vocab_size=tokenizer.vocab_size), None,
+  config = MistralConfig.from_config(model_preset("tiny"), vocab_size=tokenizer.vocab_size)
+  return engine.TextGenerator(config, None,
                               tokenizer, template=template)
 
 

@@ -23,7 +23,7 @@ import hf_utils
 import train_worker
 from cai_jax import checkpoint, parallel
 from cai_jax.data import DataError, batching
-from cai_jax.model import Mistral
+from cai_jax.model import Mistral, init_params
 from cai_jax.tokenizer import NEMO
 from cai_jax.train import common
 from cai_jax.train.reward import (RewardScorer, last_token_scores, make_rm_loss, pair_loss,
@@ -106,9 +106,10 @@ def test_segment_last_scores_match_a_manual_gather():
 
 @pytest.fixture(scope="module")
 def scalar_model():
-  from configs.models import model_config
-  config = model_config("tiny", vocab_size=101, sliding_window=5)
-  params, _ = parallel.init_params(config, _mesh1(), jax.random.PRNGKey(0), head="scalar")
+  from cai_jax.model import MistralConfig
+  from configs.models import get_config as model_preset
+  config = MistralConfig.from_config(model_preset("tiny"), vocab_size=101, sliding_window=5)
+  params, _ = init_params(config, _mesh1(), jax.random.PRNGKey(0), head="scalar")
   params = jax.device_get(params)
   # std-0.02 init scores everything ~0; scaled up, each position's score differs.
   params = jax.tree_util.tree_map_with_path(
@@ -327,9 +328,10 @@ def test_overlong_pairs_are_dropped_and_counted(sp_model_path, comparison_files,
 @pytest.fixture(scope="module")
 def sft_model_dirs(tmp_path_factory, tokenizer):
   """An LM-head model saved as our model dir and as HF, with non-trivial weights."""
-  from configs.models import model_config
-  config = model_config("tiny", vocab_size=tokenizer.vocab_size)
-  params, _ = parallel.init_params(config, _mesh1(), jax.random.PRNGKey(7))
+  from cai_jax.model import MistralConfig
+  from configs.models import get_config as model_preset
+  config = MistralConfig.from_config(model_preset("tiny"), vocab_size=tokenizer.vocab_size)
+  params, _ = init_params(config, _mesh1(), jax.random.PRNGKey(7))
   params = jax.device_get(params)
   d = tmp_path_factory.mktemp("sft_model")
   checkpoint.save_model(str(d / "model"), config, params, head="lm")

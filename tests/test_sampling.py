@@ -22,7 +22,7 @@ import torch
 
 import hf_utils
 from cai_jax import checkpoint, parallel, sampling
-from cai_jax.model import cache_slots
+from cai_jax.model import cache_slots, param_shardings
 
 # Programs that differ only in how they loop agree to float32 rounding on CPU; an NVIDIA
 # GPU runs float32 matmuls on its TF32 units by default, so there they agree to ~1e-4.
@@ -593,7 +593,7 @@ def test_same_bucket_reuses_the_compiled_function(global_model):
 def test_sharded_generation_matches_unsharded(stepwise, global_model):
   _, cfg, params = global_model
   mesh = parallel.create_mesh((2, 2, 2))
-  sharded = parallel.shard_tree(params, parallel.param_shardings(cfg, mesh))
+  sharded = parallel.shard_tree(params, param_shardings(cfg, mesh))
   q = sharded["layers"]["self_attn"]["q_proj"]["kernel"]
   assert q.sharding.shard_shape(q.shape) != q.shape
   prompts = _prompts()

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import hf_utils
 from cai_jax import parallel
-from cai_jax.model import Mistral, MistralConfig
+from cai_jax.model import Mistral, MistralConfig, init_params, param_shardings
 from cai_jax.train.lm import make_lm_loss
 
 CFG = MistralConfig(**{**hf_utils.TINY, "hidden_size": 64, "intermediate_size": 128,
@@ -67,7 +67,7 @@ def reference():
 def test_sharded_forward_and_grads_match_single_device(reference, shape):
   params, (ref_logits, ref_loss, ref_grads) = reference
   mesh = parallel.create_mesh(shape)
-  shardings = parallel.param_shardings(CFG, mesh)
+  shardings = param_shardings(CFG, mesh)
   batch_s = parallel.batch_sharding(mesh)
   sharded = parallel.shard_tree(params, shardings)
   with parallel.use_mesh(mesh):
@@ -89,7 +89,7 @@ def test_sharded_forward_and_grads_match_single_device(reference, shape):
 
 def test_params_laid_out_per_rules():
   mesh = parallel.create_mesh((2, 2, 2))
-  params, shardings = parallel.init_params(CFG, mesh, jax.random.PRNGKey(0))
+  params, shardings = init_params(CFG, mesh, jax.random.PRNGKey(0))
   layers = params["layers"]
   expected = {
       # [layers, embed, heads, head_dim]: FSDP over embed, tensor parallel over heads.
@@ -112,7 +112,7 @@ def test_params_laid_out_per_rules():
 
 def test_init_params_is_sharded_and_equals_unsharded_init():
   mesh = parallel.create_mesh((1, 4, 2))
-  params, shardings = parallel.init_params(CFG, mesh, jax.random.PRNGKey(3))
+  params, shardings = init_params(CFG, mesh, jax.random.PRNGKey(3))
   model = Mistral(CFG)
   plain = jax.jit(lambda r: nn.unbox(model.init(r, jnp.zeros((1, 1), jnp.int32)))["params"])(
       jax.random.PRNGKey(3))
@@ -125,7 +125,7 @@ def test_init_params_is_sharded_and_equals_unsharded_init():
 
 def test_assert_params_sharded_catches_replicated_params():
   mesh = parallel.create_mesh((1, 8, 1))
-  params, _ = parallel.init_params(CFG, mesh, jax.random.PRNGKey(0))
+  params, _ = init_params(CFG, mesh, jax.random.PRNGKey(0))
   parallel.assert_params_sharded(params, mesh, min_size=2048)
   replicated = jax.device_put(params, NamedSharding(mesh, P()))
   with pytest.raises(AssertionError, match="q_proj"):
@@ -165,7 +165,7 @@ def test_sft_loss_gradients_sharded_match_single_device(reference, shape):
     return num / den
 
   mesh = parallel.create_mesh(shape)
-  shardings = parallel.param_shardings(CFG, mesh)
+  shardings = param_shardings(CFG, mesh)
   with parallel.use_mesh(mesh):
     step = jax.jit(jax.value_and_grad(mean_loss),
                    in_shardings=(shardings, parallel.batch_sharding(mesh)),

@@ -22,7 +22,7 @@ import pytest
 
 import train_worker
 from cai_jax import parallel
-from cai_jax.model import MistralConfig
+from cai_jax.model import MistralConfig, init_params, param_shardings
 from cai_jax.train import common, optim
 from cai_jax.train.checkpointing import Checkpointer, CheckpointRestoreError
 from cai_jax.train.lm import make_lm_loss, vocab_logprobs
@@ -67,13 +67,13 @@ def _batch(seed: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def host_params():
-  params, _ = parallel.init_params(CFG, _mesh1(), jax.random.PRNGKey(0))
+  params, _ = init_params(CFG, _mesh1(), jax.random.PRNGKey(0))
   return jax.device_get(params)
 
 
 def _one_step(host_params, optimizer, schedule, accum: int, batch: dict, steps: int = 1):
   mesh = _mesh1()
-  shardings = parallel.param_shardings(CFG, mesh)
+  shardings = param_shardings(CFG, mesh)
   params = jax.device_put(host_params, shardings)
   state, state_sh = create_state(params, optimizer, shardings, mesh, seed=0)
   batch_sh = common.batch_shardings_for(mesh, batch)
@@ -214,7 +214,7 @@ def test_all_masked_batch_has_zero_loss_and_zero_grads(host_params):
   assert np.isfinite(m["param_norm"])
 
   mesh = _mesh1()
-  shardings = parallel.param_shardings(CFG, mesh)
+  shardings = param_shardings(CFG, mesh)
   eval_step = make_eval_step(make_lm_loss(CFG), param_shardings=shardings,
                              batch_shardings=common.batch_shardings_for(mesh, batch), mesh=mesh)
   e_num, e_den, _ = jax.device_get(eval_step(jax.device_put(host_params, shardings), batch))

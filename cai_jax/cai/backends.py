@@ -231,18 +231,3 @@ def make_backend(cfg, *, mesh=None, template: str | None = None) -> Backend:
                          timeout=cfg.get("timeout", 600.0), retries=cfg.get("retries", 3),
                          backoff=cfg.get("backoff", 1.0), concurrency=cfg.get("concurrency", 8))
   raise ValueError(f"backend.kind must be local, nemo or openai, got {kind!r}")
-
-
-def backend_config(**overrides) -> Any:
-  """Default `backend` ConfigDict for stage configs.
-
-  `timeout` (seconds per request), `retries` and `backoff` (first retry delay,
-  doubling) apply to the remote kinds; `batch_size` is prompts per engine
-  call (local) or per request (nemo); `concurrency` is requests in flight (openai).
-  """
-  import ml_collections
-  c = ml_collections.ConfigDict(dict(kind="local", model_dir="", tokenizer="", template="nemo",
-                                     url="", model="", api_key_env="", timeout=600.0, retries=3,
-                                     backoff=1.0, batch_size=32, concurrency=8))
-  c.update(overrides)
-  return c

@@ -404,7 +404,7 @@ def run_sl_cai(cfg, workdir: str | os.PathLike, *, backend: Backend | None = Non
     if todo and backend is None:
       if cfg.backend.kind == "local" and mesh is None:
         from cai_jax import parallel  # pylint: disable=import-outside-toplevel  (jax: local only)
-        mesh = parallel.create_mesh(cfg.mesh.to_dict())
+        mesh = parallel.mesh_from_config(cfg.mesh)
       backend = make_backend(cfg.backend, mesh=mesh, template=cfg.template)
     # Over-long prompts (config.overlong), before any generation: the first step's
     # prompt is the few-shot prefix plus the red-team prompt.

@@ -106,6 +106,20 @@ class MistralConfig:
       return (backend or jax.default_backend()) != "cpu"
     return self.decode_loop == "unroll"
 
+  @classmethod
+  def from_config(cls, cfg: Any, **overrides) -> "MistralConfig":
+    """From a stage config's `model` block (a ConfigDict or mapping with this class's field
+    names, e.g. `configs/models.py`'s presets), with `overrides` on top; an unknown field is
+    an error naming it."""
+    d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    d.update(overrides)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"model config: unknown field(s) {unknown}; MistralConfig has "
+                       f"{sorted(known)}")
+    return cls(**d)
+
   def replace(self, **changes) -> "MistralConfig":
     return dataclasses.replace(self, **changes)
 

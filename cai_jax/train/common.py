@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from typing import Any
@@ -13,25 +12,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from cai_jax import checkpoint, parallel
-from cai_jax.model import MistralConfig
-
-
-def mesh_from_config(cfg) -> Mesh:
-  """The stage config's mesh. When every axis size is given and together they ask
-  for fewer devices than this (single) process has, e.g. a one-device run on a
-  bigger host, the mesh takes the first devices."""
-  m = cfg.get("mesh", None) or {}
-  sizes = [int(m.get("data", 1)), int(m.get("fsdp", -1)), int(m.get("tensor", 1))]
-  n = math.prod(sizes)
-  if -1 not in sizes and jax.process_count() == 1 and n < jax.device_count():
-    return parallel.create_mesh(sizes, devices=jax.devices()[:n])
-  return parallel.create_mesh(sizes)
+from cai_jax.model import MistralConfig, init_params, param_shardings
 
 
 def model_config_from(cfg) -> MistralConfig:
-  """The stage's `config.model` ConfigDict as a MistralConfig."""
-  from configs.models import to_mistral_config
-  return to_mistral_config(cfg.model)
+  """The stage's `config.model` block as a MistralConfig."""
+  return MistralConfig.from_config(cfg.model)
 
 
 def _overrides(cfg) -> dict:
@@ -58,7 +44,7 @@ def load_or_init(cfg, mesh: Mesh, *, head: str = "lm", init_from: str | None = N
   rng = jax.random.PRNGKey(seed)
   if not init_from:
     config = model_config_from(cfg).replace(**_overrides(cfg))
-    params, shardings = parallel.init_params(config, mesh, rng, head=head)
+    params, shardings = init_params(config, mesh, rng, head=head)
     return config, params, shardings
 
   config, saved_head = checkpoint.read_model_config(init_from)
@@ -66,11 +52,11 @@ def load_or_init(cfg, mesh: Mesh, *, head: str = "lm", init_from: str | None = N
   if saved_head != head and not allow_head_change:
     raise ValueError(f"{init_from}: holds a {saved_head!r}-head model; this stage needs {head!r}")
   _, params, _ = checkpoint.load_model(
-      init_from, head=saved_head, shardings=parallel.param_shardings(config, mesh, saved_head),
+      init_from, head=saved_head, shardings=param_shardings(config, mesh, saved_head),
       param_dtype=config.param_dtype)
-  shardings = parallel.param_shardings(config, mesh, head)
+  shardings = param_shardings(config, mesh, head)
   if saved_head != head:
-    fresh, _ = parallel.init_params(config, mesh, rng, head=head)
+    fresh, _ = init_params(config, mesh, rng, head=head)
     params = {k: v for k, v in params.items() if k not in ("lm_head", "score")}
     params.update({k: fresh[k] for k in ("lm_head", "score") if k in fresh})
   return config, params, shardings

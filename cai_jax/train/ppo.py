@@ -611,7 +611,7 @@ def run_ppo(cfg, workdir: str, *, reward_fn: RewardFn | None = None, force: bool
   identity.claim_workdir(workdir, cfg, stage_inputs(cfg), force=force, lead=lead)
   tokenizer = Tokenizer.from_file(cfg.tokenizer)
   template = get_template(cfg.template)
-  mesh = common.mesh_from_config(cfg)
+  mesh = parallel.mesh_from_config(cfg.get("mesh"))
   train_rows, train_stats = load_prompt_rows(cfg.train_prompts, tokenizer, template,
                                              cfg.max_prompt_len, tokenizer.pad_id)
   if len(train_rows) < cfg.rollout_batch_size:

@@ -18,7 +18,7 @@ import numpy as np
 
 from cai_jax import checkpoint, parallel
 from cai_jax.data import batching
-from cai_jax.model import Mistral, MistralConfig
+from cai_jax.model import Mistral, MistralConfig, param_shardings
 from cai_jax.tokenizer import ChatTemplate, Tokenizer, get_template
 from cai_jax.train import supervised
 
@@ -152,12 +152,12 @@ class RewardScorer:
     if batch_size < 1 or max_seq_len < 2:
       raise ValueError(f"need batch_size >= 1 and max_seq_len >= 2, got {batch_size}, "
                        f"{max_seq_len}")
-    self.mesh = mesh or parallel.create_mesh((1, 1, 1), jax.devices()[:1])
+    self.mesh = mesh or parallel.mesh_from_config(parallel.ONE_DEVICE)
     self.config, head = checkpoint.read_model_config(model_dir)
     if head != "scalar":
       raise ValueError(f"{model_dir}: not a reward model (its head is {head!r})")
     _, self.params, _ = checkpoint.load_model(
-        model_dir, head="scalar", shardings=parallel.param_shardings(self.config, self.mesh, "scalar"))
+        model_dir, head="scalar", shardings=param_shardings(self.config, self.mesh, "scalar"))
     self.tokenizer = Tokenizer.from_file(tokenizer_path or os.path.join(model_dir, "tokenizer.model"))
     self.template = get_template(template)
     self.end_of_turn = self.template.end_of_turn_ids(self.tokenizer)

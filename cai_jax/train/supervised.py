@@ -46,7 +46,7 @@ def prepare(cfg, workdir: str, mesh=None, *, stage: str, data_files: dict, force
   identity.claim_workdir(workdir, cfg, stage_inputs(cfg, data_files), force=force,
                          lead=jax.process_index() == 0)
   tokenizer = Tokenizer.from_file(cfg.tokenizer)
-  return tokenizer, (mesh if mesh is not None else common.mesh_from_config(cfg))
+  return tokenizer, (mesh if mesh is not None else parallel.mesh_from_config(cfg.get("mesh")))
 
 
 def make_evaluate(eval_step, rows: list[dict], global_batch_size: int, put_batch) -> Any:
