@@ -19,7 +19,7 @@ import pytest
 
 from cai_jax.data import (HH_SUBSETS, BatchIterator, DataError, ResumableWriter,
                           atomic_write_json, atomic_write_jsonl, config_fingerprint, file_sha256,
-                          manifest_matches, pack_examples, pad_examples, pad_pairs,
+                          keys, manifest_matches, pack_examples, pad_examples, pad_pairs,
                           parse_hh_transcript, read_chat_records, read_comparisons, read_hh_pairs,
                           read_manifest, read_records, read_red_team_prompts, require,
                           tokenize_conversations, tokenize_pairs, write_manifest)
@@ -229,6 +229,17 @@ def test_file_sha256_of_directory_and_fingerprint(tmp_path):
   assert file_sha256(tmp_path / "d") != before
   assert config_fingerprint({"a": 1, "b": [1]}) == config_fingerprint({"b": (1,), "a": 1})
   assert config_fingerprint({"a": 1}) != config_fingerprint({"a": 2})
+
+
+def test_prompt_keys_and_derived_ints_are_pinned():
+  # Resumable raw files of SL-CAI and RL-CAI are keyed by these values and hold samples drawn
+  # with these seeds: a change here makes every partial run resume wrongly. (RL-CAI's values
+  # from before the stages shared the functions; SL-CAI's fingerprint names `DERIVATION`.)
+  assert keys.prompt_key("hello") == "2cf24dba5fb0a30e"
+  assert keys.prompt_key("h\u00e9") == keys.prompt_key("h\u00e9") != keys.prompt_key("he")
+  assert keys.derived_int("sample", 0, "2cf24dba5fb0a30e", 1) == 4313150685906449502
+  assert keys.derived_int("principle", 3, "2cf24dba5fb0a30e", 0, 1) == 14110942238236577765
+  assert keys.derived_int("a", 1) != keys.derived_int("a1") != keys.derived_int("a", "1", "")
 
 
 # ----------------------------------------------------------------------------

@@ -304,6 +304,26 @@ def _sft_text(out):
   return (out / sl_cai.SFT_FILE).read_text()
 
 
+def test_a_partial_raw_file_of_another_seed_derivation_is_regenerated(tmp_path, monkeypatch):
+  """Seeds and principles once derived from "\\0"-joined parts: a raw file begun then is
+  discarded, never continued with seeds drawn the new way."""
+  out = tmp_path / "out"
+
+  def dies_in_the_second_batch(call, row, prompt):
+    if call >= 3:                                 # rounds=1: 3 calls per batch of 4 prompts
+      raise RuntimeError("killed")
+    return f" {STEP_NAMES[call]}-{row} "
+
+  monkeypatch.setattr(sl_cai, "DERIVATION", "parts joined by NUL")
+  with pytest.raises(RuntimeError, match="killed"):
+    sl_cai.run_sl_cai(_cfg(tmp_path), out, backend=ScriptedBackend(dies_in_the_second_batch))
+  assert len((out / (sl_cai.RAW_FILE + ".partial")).read_text().splitlines()) == 4
+  monkeypatch.undo()
+  summary = sl_cai.run_sl_cai(_cfg(tmp_path), out, backend=ScriptedBackend())
+  assert summary["discarded_stale_partial"] and summary["resumed"] == 0
+  assert summary["generated_now"] == 6
+
+
 # ----------------------------------------------------------------------------
 # Bad input.
 

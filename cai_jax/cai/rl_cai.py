@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import itertools
 import json
 import os
@@ -53,6 +52,7 @@ from cai_jax.cai import constitution, hh
 from cai_jax.cai import judge as judge_lib
 from cai_jax.cai.backends import GenerationSettings, LocalBackend, fit_prompt, make_backend
 from cai_jax.data import jsonl, sources
+from cai_jax.data.keys import derived_int, prompt_key
 
 RAW_NAME = "raw_judgments.jsonl"
 REPORT_NAME = "report.json"
@@ -72,24 +72,14 @@ SPEED_ONLY_KEYS = {"policy": ("batch_size", "timeout", "retries"),
 # Determinism.
 
 
-def _hash_int(*parts: Any) -> int:
-  digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-  return int.from_bytes(digest[:8], "big")
-
-
-def prompt_key(prompt: str) -> str:
-  """A stable id of a prompt (its text's hash): the resume key, independent of order."""
-  return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
-
-
 def sample_seed(seed: int, key: str, index: int) -> int:
   """The sampling seed of response `index` of a prompt: (seed, prompt, index) alone decide it."""
-  return _hash_int("sample", seed, key, index) & 0x7FFFFFFF
+  return derived_int("sample", seed, key, index) & 0x7FFFFFFF
 
 
 def draw_principle(principles: Sequence[Any], seed: int, key: str, i: int, j: int):
   """The principle for pair (i, j) of a prompt, drawn with a seed of its own."""
-  return random.Random(_hash_int("principle", seed, key, i, j)).choice(list(principles))
+  return random.Random(derived_int("principle", seed, key, i, j)).choice(list(principles))
 
 
 def temperature_of(temperatures: Sequence[float], index: int) -> float:
@@ -369,7 +359,7 @@ def blend(cai: Mapping[str, Mapping[str, list]], other: Mapping[str, Mapping[str
   for split in hh.SPLITS:
     pairs = list(other[split]["comparisons"]) + list(cai[split]["comparisons"])
     prompts = list(other[split]["prompts"]) + list(cai[split]["prompts"])
-    rng = random.Random(_hash_int("blend", seed, split))
+    rng = random.Random(derived_int("blend", seed, split))
     rng.shuffle(pairs)
     rng.shuffle(prompts)
     names = hh.output_names(prefix, split)

@@ -34,7 +34,6 @@ raw file, counted in the summary and left out of the SFT data.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import random
 import time
@@ -43,6 +42,7 @@ from typing import Any, Mapping, Sequence
 from cai_jax.cai import constitution as constitution_lib
 from cai_jax.cai.backends import Backend, GenerationSettings, fit_prompt
 from cai_jax.data import jsonl, sources
+from cai_jax.data.keys import DERIVATION, derived_int, prompt_key
 from cai_jax.tokenizer import ChatTemplate, get_template
 
 STAGE = "sl_cai"
@@ -61,24 +61,14 @@ STATUSES = (STATUS_OK, STATUS_EMPTY_RESPONSE, STATUS_EMPTY_CRITIQUE, STATUS_EMPT
 
 
 # ----------------------------------------------------------------------------
-# Keys, principles and seeds: functions of (seed, prompt, round) only.
-
-
-def prompt_key(prompt: str) -> str:
-  """A stable id for a prompt: its text's hash, so it survives reshuffles and resumes."""
-  return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
-
-
-def _hash_int(*parts: Any) -> int:
-  text = "\0".join(str(p) for p in parts)
-  return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+# Principles and seeds: functions of (seed, prompt key, round) only (`cai_jax.data.keys`).
 
 
 def principle_index(seed: int, key: str, round_index: int, num_principles: int) -> int:
   """The principle used in `round_index` (0-based) of prompt `key`: uniform, reproducible."""
   if num_principles < 1:
     raise ValueError("no critique/revision principles to choose from")
-  return _hash_int("principle", seed, key, round_index) % num_principles
+  return derived_int("principle", seed, key, round_index) % num_principles
 
 
 def choose_principles(seed: int, key: str, rounds: int,
@@ -90,7 +80,7 @@ def choose_principles(seed: int, key: str, rounds: int,
 
 def step_seed(seed: int, key: str, step: int) -> int:
   """Sampling seed of generation `step` of a prompt (0 response, 2r+1 critique, 2r+2 revision)."""
-  return _hash_int("sample", seed, key, step) & 0x7FFFFFFF
+  return derived_int("sample", seed, key, step) & 0x7FFFFFFF
 
 
 # ----------------------------------------------------------------------------
@@ -304,6 +294,9 @@ def generation_fingerprint(cfg, inputs: Mapping[str, str]) -> str:
       "generation": cfg.generation.to_dict(),
       "model": [b.kind, b.model_dir, b.tokenizer, b.model if b.kind == "openai" else ""],
       "overlong": cfg.get("overlong", "drop"),
+      # How seeds and principles derive from (seed, key): a raw file begun under SL-CAI's
+      # earlier derivation ("\0"-joined parts) is discarded, not continued with other seeds.
+      "derivation": DERIVATION,
   }
   return jsonl.config_fingerprint(relevant)
 

@@ -1,9 +1,10 @@
 """Data on disk and in batches: jsonl I/O, dataset readers, SFT/RM batching.
 
 `jsonl` holds the file guarantees (line-numbered `DataError`s, atomic and
-resumable writes, stage manifests), `sources` the readers for the datasets the
-pipeline starts from, `batching` the host-side NumPy batches the train steps
-consume.
+resumable writes, stage manifests), `keys` the prompt keys and derived seeds
+that make the generation stages resumable, `sources` the readers for the
+datasets the pipeline starts from, `batching` the host-side NumPy batches the
+train steps consume.
 """
 
 from cai_jax.data.batching import (BatchIterator, pack_examples, pad_examples, pad_pairs,
