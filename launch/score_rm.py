@@ -41,7 +41,7 @@ def score_file(model: str, input_path: str, output_path: str, *, field: str = "t
                max_seq_len: int = 4096, template: str = "nemo") -> int:
   """Scores every record of `input_path` into `output_path`; returns the count."""
   from cai_jax.data import jsonl
-  from cai_jax.train.reward import RewardScorer
+  from cai_jax.scoring import RewardScorer
   records, texts = [], []
   for line, record in jsonl.read_records(input_path):
     texts.append(jsonl.require(record, field, str, input_path, line))

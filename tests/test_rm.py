@@ -24,10 +24,10 @@ import train_worker
 from cai_jax import checkpoint, parallel
 from cai_jax.data import DataError, batching
 from cai_jax.model import Mistral, init_params
+from cai_jax.scoring import RewardScorer, last_token_scores, rm_scores, segment_last_scores
 from cai_jax.tokenizer import NEMO
 from cai_jax.train import common
-from cai_jax.train.reward import (RewardScorer, last_token_scores, make_rm_loss, pair_loss,
-                                  rm_scores, run_rm, segment_last_scores)
+from cai_jax.train.reward import make_rm_loss, pair_loss, run_rm
 
 pytestmark = pytest.mark.usefixtures("train_compile_cache")
 

@@ -109,7 +109,7 @@ def run_evaluate(cfg, workdir: str, *, models: Mapping[str, str], tokenizer_path
 
   rm_scores: dict = {}
   if rm_dir:
-    from cai_jax.train.reward import RewardScorer
+    from cai_jax.scoring import RewardScorer
     scorer = RewardScorer(rm_dir, tokenizer_path, mesh=mesh, template=cfg.template)
     template = get_template(cfg.template)
     for name in models:
