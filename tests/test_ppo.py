@@ -31,9 +31,9 @@ import ppo_worker as worker
 import train_worker
 from cai_jax import checkpoint
 from cai_jax.data.jsonl import DataError
+from cai_jax.metrics import read_metrics
 from cai_jax.train import common, ppo
 from cai_jax.tokenizer import NEMO
-from cai_jax.train.metrics import read_metrics
 
 # Wall-clock and throughput numbers differ from run to run; everything else must not.
 TIMING_KEYS = {"time", "rollout_seconds", "score_seconds", "update_seconds",

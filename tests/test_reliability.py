@@ -16,9 +16,9 @@ import pytest
 import ppo_worker
 import train_worker
 from cai_jax import preflight
+from cai_jax.metrics import read_metrics
 from cai_jax.train import identity, ppo
 from cai_jax.train.loop import TrainingDivergedError
-from cai_jax.train.metrics import read_metrics
 from cai_jax.train.sft import run_sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cai_jax.train.metrics import read_metrics  # noqa: E402
+from cai_jax.metrics import read_metrics  # noqa: E402
 
 # Which metrics tell each stage's story.
 CURVES = {

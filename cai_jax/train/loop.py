@@ -33,8 +33,8 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
+from cai_jax.metrics import MetricsWriter
 from cai_jax.train.checkpointing import Checkpointer
-from cai_jax.train.metrics import MetricsWriter
 from cai_jax.train.state import TrainState, abstract_state
 
 
@@ -272,7 +272,7 @@ def run_training(*, state: TrainState, shardings: TrainState, train_step: Callab
 def last_logged(path: str, split: str, drop: tuple[str, ...] = ()) -> dict:
   """The metrics of the last `split` record of a metrics.jsonl ({} if none), without
   the bookkeeping fields (and `drop`)."""
-  from cai_jax.train.metrics import read_metrics
+  from cai_jax.metrics import read_metrics
   records = read_metrics(path, split=split)
   if not records:
     return {}

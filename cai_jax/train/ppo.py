@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from cai_jax import parallel, preflight, sampling
 from cai_jax.compile_options import gradient_program_options
 from cai_jax.data import batching, jsonl
+from cai_jax.metrics import MetricsWriter
 from cai_jax.model import Mistral, MistralConfig, lm_head_kernel
 from cai_jax.tokenizer import ChatTemplate, Tokenizer, get_template
 from cai_jax.train import common, identity, rl
@@ -48,7 +49,6 @@ from cai_jax.train.checkpointing import Checkpointer
 from cai_jax.train.lm import vocab_logprobs
 from cai_jax.train.loop import (DivergenceGuard, TrainingDivergedError, check_workdir_writable,
                                 last_logged, truncate_metrics)
-from cai_jax.train.metrics import MetricsWriter
 from cai_jax.train.optim import make_optimizer
 from cai_jax.train.state import TrainState, abstract_state, create_state
 

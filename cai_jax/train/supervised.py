@@ -16,13 +16,13 @@ from absl import logging
 
 from cai_jax import parallel, preflight
 from cai_jax.data import batching, jsonl
+from cai_jax.metrics import MetricsWriter
 from cai_jax.model import MistralConfig
 from cai_jax.tokenizer import Tokenizer
 from cai_jax.train import common, identity
 from cai_jax.train.checkpointing import Checkpointer
 from cai_jax.train.loop import (LoopSettings, check_workdir_writable, default_peak_flops,
                                 run_training)
-from cai_jax.train.metrics import MetricsWriter
 from cai_jax.train.optim import make_optimizer
 from cai_jax.train.state import create_state, make_eval_step, make_train_step
 
