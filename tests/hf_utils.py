@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from cai_jax.benchmarking import randomize_hf_weights
+from launch.benchmark.torch_ref import randomize_hf_weights
 
 # Small enough to build and compile in well under a second; vocab 101 is not a
 # multiple of 8 and head_dim 8 is the smallest that still exercises rotate-half.

@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark harness (`launch.benchmark`, `cai_jax.benchmarking`).
+"""Smoke tests of the benchmark harness (`launch.benchmark`).
 
 Every mode runs on the tiny preset, one repetition, with small shapes: this
 checks that both sides run on the same weights and that the table and JSON
@@ -18,11 +18,13 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("trl")
 
-from cai_jax import benchmarking  # noqa: E402
+from launch.benchmark import MODES, suite  # noqa: E402
+from launch.benchmark import report as report_lib  # noqa: E402
+from launch.benchmark.hardware import decode_step_floor  # noqa: E402
+from launch.benchmark.workload import Shapes  # noqa: E402
 
-SHAPES = benchmarking.Shapes(model_batch=2, model_seq=16, gen_batches=(2,), gen_prompt=8,
-                             gen_new=4, sft_batch=2, sft_seq=16, ppo_batch=2, ppo_prompt=8,
-                             ppo_new=4)
+SHAPES = Shapes(model_batch=2, model_seq=16, gen_batches=(2,), gen_prompt=8, gen_new=4,
+                sft_batch=2, sft_seq=16, ppo_batch=2, ppo_prompt=8, ppo_new=4)
 EXPECTED = {
     "model": ["forward tokens/s", "forward GFLOP/s", "fwd+bwd tokens/s", "fwd+bwd GFLOP/s"],
     "attention": ["xla forward ms", "xla forward+backward ms"],
@@ -31,9 +33,9 @@ EXPECTED = {
     "ppo": ["rollout s", "score s", "update s", "iteration s", "rollout tok/s"],
 }
 # The GPU mode's code path on this CPU: tiny model, two decode batches, an extra SFT shape.
-GPU_SHAPES = benchmarking.Shapes(model_batch=2, model_seq=32, gen_batches=(1, 2), gen_prompt=8,
-                                 gen_new=4, sft_batch=2, sft_seq=16, sft_extra=((1, 32),),
-                                 ppo_batch=2, ppo_prompt=8, ppo_new=4)
+GPU_SHAPES = Shapes(model_batch=2, model_seq=32, gen_batches=(1, 2), gen_prompt=8, gen_new=4,
+                    sft_batch=2, sft_seq=16, sft_extra=((1, 32),), ppo_batch=2, ppo_prompt=8,
+                    ppo_new=4)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -54,9 +56,8 @@ def _check_rows(rows, modes, expected=EXPECTED, no_reference=()):
 
 
 def test_every_mode_on_tiny(tmp_path):
-  report = benchmarking.run("all", preset="tiny", reps=1, shapes=SHAPES,
-                            workdir=str(tmp_path / "work"))
-  _check_rows(report["rows"], benchmarking.MODES)
+  report = suite.run("all", preset="tiny", reps=1, shapes=SHAPES, workdir=str(tmp_path / "work"))
+  _check_rows(report["rows"], MODES)
 
   settings = report["settings"]
   assert set(settings["presets"].values()) == {"tiny"} and settings["reps"] == 1
@@ -77,7 +78,7 @@ def test_every_mode_on_tiny(tmp_path):
   ppo = report["results"]["ppo"]["iterations"]
   assert len(ppo["cai_jax"]) == len(ppo["trl"]) == 2  # warm-up + 1 timed iteration
 
-  table = benchmarking.markdown_table(report)
+  table = report_lib.markdown_table(report)
   body = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
   assert body[0].startswith("| mode | metric | cai_jax | reference | speed-up")
   assert len(body) == 1 + len(report["rows"])
@@ -87,10 +88,10 @@ def test_every_mode_on_tiny(tmp_path):
   assert "matmul" in table.splitlines()[2]
 
   out = tmp_path / "bench.json"
-  benchmarking.write_json(report, str(out))
+  report_lib.write_json(report, str(out))
   loaded = json.loads(out.read_text())
   assert loaded["rows"] == json.loads(json.dumps(report["rows"]))
-  assert set(loaded["results"]) == set(benchmarking.MODES)
+  assert set(loaded["results"]) == set(MODES)
 
 
 @pytest.mark.slow
@@ -113,8 +114,8 @@ def test_command_line(tmp_path):
 def test_gpu_mode_code_path_on_cpu(tmp_path):
   """`device="gpu"`: bf16, the extra SFT shape, decode rows against the roofline, PPO
   without TRL, the attention implementations; on this CPU only its code path runs."""
-  report = benchmarking.run(["attention", "generate", "sft", "ppo"], preset="tiny", reps=1,
-                            shapes=GPU_SHAPES, device="gpu", workdir=str(tmp_path / "work"))
+  report = suite.run(["attention", "generate", "sft", "ppo"], preset="tiny", reps=1,
+                     shapes=GPU_SHAPES, device="gpu", workdir=str(tmp_path / "work"))
   expected = {**EXPECTED, "generate": ["decode tok/s b1", "TTFT ms b1", "decode tok/s b2",
                                        "TTFT ms b2"],
               "sft": ["train tokens/s", "MFU %", "train tokens/s B1xT32", "MFU % B1xT32"]}
@@ -133,15 +134,14 @@ def test_gpu_mode_code_path_on_cpu(tmp_path):
     assert r["floor_ms_per_step"] > 0 and "greedy_token_agreement" not in r
   decode = [r for r in report["rows"] if r["metric"].startswith("decode tok/s")]
   assert all(r["target"] for r in decode if r["metric"] == "decode tok/s b1")
-  table = benchmarking.markdown_table(report)
+  table = report_lib.markdown_table(report)
   assert "gpu mode (bfloat16 compute)" in table and "| ppo (no reference) | update s |" in table
 
 
 def test_profile_dir_gets_one_trace_per_measured_call(tmp_path):
-  shapes = benchmarking.Shapes(gen_batches=(2,), gen_prompt=8, gen_new=4, sft_batch=2, sft_seq=16)
-  report = benchmarking.run(["generate", "sft"], preset="tiny", reps=1, shapes=shapes,
-                            device="cpu", workdir=str(tmp_path / "work"),
-                            profile_dir=str(tmp_path / "prof"))
+  shapes = Shapes(gen_batches=(2,), gen_prompt=8, gen_new=4, sft_batch=2, sft_seq=16)
+  report = suite.run(["generate", "sft"], preset="tiny", reps=1, shapes=shapes, device="cpu",
+                     workdir=str(tmp_path / "work"), profile_dir=str(tmp_path / "prof"))
   assert [r["metric"] for r in report["rows"]][:1] == ["decode tok/s b2"]
   for name in ("generate_b2", "sft_B2xT16"):
     traces = list((tmp_path / "prof" / name).rglob("*.xplane.pb"))
@@ -157,14 +157,13 @@ def test_decode_floor_counts_weights_and_cache():
               "matmul_flops": 6e14, "read_bytes_per_s": 4e12}
   weights = cfg.num_params("lm") * 2
   kv = 2 * 32 * 8 * 128 * 2 * 256     # one row, 256 columns
-  assert benchmarking.decode_step_floor(cfg, 1, 256, ceilings) == pytest.approx(
-      (weights + kv) / 4.8e12)
+  assert decode_step_floor(cfg, 1, 256, ceilings) == pytest.approx((weights + kv) / 4.8e12)
   # Past the window the cache stops growing.
-  assert benchmarking.decode_step_floor(cfg, 1, 10**6, ceilings) == pytest.approx(
+  assert decode_step_floor(cfg, 1, 10**6, ceilings) == pytest.approx(
       (weights + kv * 4096 / 256) / 4.8e12)
   # At a large enough batch the step is compute-bound.
   big = 4096
-  assert benchmarking.decode_step_floor(cfg, big, 1, ceilings) == pytest.approx(max(
+  assert decode_step_floor(cfg, big, 1, ceilings) == pytest.approx(max(
       (weights + kv / 256 * big) / 4.8e12,
       2 * (cfg.num_params("lm") - cfg.vocab_size * cfg.hidden_size) * big / 989e12))
 
@@ -172,7 +171,7 @@ def test_decode_floor_counts_weights_and_cache():
 def test_model_overrides_are_typed_and_checked():
   from absl import app
 
-  from launch import benchmark as cli
+  from launch.benchmark import __main__ as cli
   assert cli._overrides(["attention_impl=xla", "remat=true", "attention_query_block=64"]) == {
       "attention_impl": "xla", "remat": True, "attention_query_block": 64}
   for bad in ("hidden_size=64", "remat=maybe", "attention_impl=flash", "attention_query_block=x",
@@ -183,4 +182,4 @@ def test_model_overrides_are_typed_and_checked():
 
 def test_bad_mode():
   with pytest.raises(ValueError, match="unknown benchmark mode"):
-    benchmarking.run("decode", preset="tiny")
+    suite.run("decode", preset="tiny")

@@ -9,7 +9,9 @@ TTFT vs transformers `generate`), sft (AdamW train step vs transformers+torch),
 ppo (seconds per PPO iteration by phase vs TRL 1.9.2), or all. Prints a
 markdown table (cai_jax, reference, speed-up, floor, target) on stdout, progress
 on stderr, and writes every timing plus versions and thread settings as JSON
-with `--out`. What each mode measures: `cai_jax/benchmarking.py`.
+with `--out`. What each mode measures: `launch/benchmark/__init__.py` and the mode's
+module (`model.py`, `attention.py`, `generate.py`, `sft.py`, `ppo.py`); the presets, sizes
+and targets of each device mode: `launch/benchmark/targets.json`.
 
 `--device=gpu` (the default on a GPU backend) is the GPU mode: bf16, `mistral_1b`
 for model/sft, `mistral_7b` for decode at b1/b32/b128, `small` for PPO, the torch
@@ -29,9 +31,10 @@ import sys
 
 from absl import app, flags
 
-_WHAT = flags.DEFINE_enum("what", "all", ["model", "attention", "generate", "sft", "ppo", "all"],
-                          "Which benchmark to run.")
-_DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"],
+from launch.benchmark import MODES, figures
+
+_WHAT = flags.DEFINE_enum("what", "all", [*MODES, "all"], "Which benchmark to run.")
+_DEVICE = flags.DEFINE_enum("device", "auto", ["auto", *figures.DEVICES],
                             "cpu or gpu mode (sizes, dtypes, references); auto: gpu on a GPU "
                             "backend.")
 _PRESET = flags.DEFINE_string("preset", None, "Model preset from configs/models.py for every "
@@ -105,17 +108,19 @@ def main(argv):
           file=sys.stderr)
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  from cai_jax import benchmarking
   from configs.models import PRESETS
+  from launch.benchmark import report as report_lib
+  from launch.benchmark import suite
+  from launch.benchmark.timing import log
   if _PRESET.value is not None and _PRESET.value not in PRESETS:
     raise app.UsageError(f"--preset={_PRESET.value}: choose from {sorted(PRESETS)}")
-  report = benchmarking.run(_WHAT.value, preset=_PRESET.value, reps=_REPS.value, threads=threads,
-                            device=_DEVICE.value, model_overrides=_overrides(_OVERRIDE.value),
-                            profile_dir=_PROFILE.value)
-  print(benchmarking.markdown_table(report))
+  report = suite.run(_WHAT.value, preset=_PRESET.value, reps=_REPS.value, threads=threads,
+                     device=_DEVICE.value, model_overrides=_overrides(_OVERRIDE.value),
+                     profile_dir=_PROFILE.value)
+  print(report_lib.markdown_table(report))
   if _OUT.value:
-    benchmarking.write_json(report, _OUT.value)
-    benchmarking.log(f"wrote {_OUT.value}")
+    report_lib.write_json(report, _OUT.value)
+    log(f"wrote {_OUT.value}")
 
 
 if __name__ == "__main__":
