@@ -25,10 +25,13 @@ Not thread-safe: one thread should own a generator (the server's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from typing import Any, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cai_jax import sampling
@@ -384,6 +387,50 @@ class TextGenerator:
         stop_string=stop_string,
         num_generated=len(ids))
 
+  # --- scoring -----------------------------------------------------------------------
+
+  def next_token_logprobs(self, prompts: Sequence[str], token_ids: Sequence[int], *,
+                          add_bos: Any = False, batch_size: int = 8,
+                          what: str = "prompt {i}") -> np.ndarray:
+    """log p(token | prompt) of each of `token_ids` after each prompt: f32 [n_prompts, n_ids].
+
+    Under the raw model (temperature 1, nothing filtered), from the sampler's own prompt
+    pass (`sampling._prefill`, which sends only the last position through the vocabulary
+    projection) and no decode step. Prompts go `batch_size` at a time, each batch padded
+    to at least `batch_size` rows and to a power-of-two length as `complete` pads them,
+    on the generator's mesh, so a run compiles one program per length bucket. (A judge
+    reads its option letters with this.)
+    """
+    ids = tuple(int(t) for t in token_ids)
+    if not ids:
+      raise ValueError("token_ids is empty: name the tokens whose log-probs you want")
+    outside = [t for t in ids if not 0 <= t < self.config.vocab_size]
+    if outside:
+      raise ValueError(f"token_ids {outside} are outside the model's vocabulary of "
+                       f"{self.config.vocab_size}")
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(prompts) == 0:
+      return np.zeros((0, len(ids)), np.float32)
+    prompt_ids = self.encode_prompts(prompts, add_bos, what=what)
+    self.check_lengths(prompt_ids, 0, what=what)
+    fn = _compiled_next_token_logprobs(self.config, ids, self.tokenizer.pad_id, self.mesh)
+    dp = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    out = []
+    for start in range(0, len(prompt_ids), batch_size):
+      chunk = prompt_ids[start:start + batch_size]
+      rows = -(-max(sampling.bucket(len(chunk), minimum=batch_size), dp) // dp) * dp
+      width = sampling.bucket(max(len(x) for x in chunk))
+      tokens = np.full((rows, width), self.tokenizer.pad_id, np.int32)
+      lengths = np.ones((rows,), np.int32)
+      for r, x in enumerate(chunk):
+        tokens[r, width - len(x):] = x      # left-padded, as the sampler's prompts are
+        lengths[r] = len(x)
+      tokens[len(chunk):, -1] = chunk[0][-1]   # filler rows: one real token
+      sp = sampling.make_sampling_params(len(chunk), rows, greedy=True, max_new_tokens=0)
+      out.append(np.asarray(jax.device_get(fn(self.params, tokens, lengths, sp)))[:len(chunk)])
+    return np.concatenate(out)
+
   # --- chat --------------------------------------------------------------------------
 
   def chat_prompt(self, conversation: Sequence[Mapping[str, Any]], system: str = "") -> str:
@@ -417,3 +464,20 @@ class TextGenerator:
     ends = [[eot] + [s for s in row if s != eot] for row in extra]
     completions = self.complete(prompts, end_strings=ends, **settings)
     return [self.chat_reply(c) for c in completions]
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_next_token_logprobs(config: MistralConfig, token_ids: tuple[int, ...], pad_id: int,
+                                  mesh):
+  """A jitted `(params, prompt_ids, prompt_lengths, sp) -> f32 [B, len(token_ids)]`: the
+  sampler's prefill, its next-token logits normalised, the asked-for columns kept (the KV
+  cache and decode state it also builds are not outputs, so XLA drops them)."""
+  def fn(params, prompt_ids, prompt_lengths, sp):
+    state, _ = sampling._prefill(config, params, prompt_ids, prompt_lengths, sp,
+                                 max_new_tokens=0, pad_id=pad_id, num_top_logprobs=0,
+                                 return_prompt_logprobs=False)
+    logits = state["logits"].astype(jnp.float32)                        # [B, V]
+    picked = logits[:, jnp.asarray(token_ids, jnp.int32)]
+    return picked - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+  return sampling._jit_prompt_program(fn, config, mesh)

@@ -147,3 +147,39 @@ def test_bad_prompts_name_the_prompt(serve_generator):
     serve_generator.complete(["ok"], max_new_tokens=[1, 2, 3])
   with pytest.raises(ValueError, match="empty end string"):
     serve_generator.complete(["ok"], max_new_tokens=4, end_strings=[""])
+
+
+def test_next_token_logprobs_equal_a_plain_forward_and_the_sampler(serve_generator):
+  """One prefill per padded batch gives what a full forward pass of each unpadded prompt
+  gives, and what the sampler reports for the token it picks first."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from cai_jax.model import Mistral
+  gen = serve_generator
+  prompts = PROMPTS + ["a longer prompt, " * 12]   # a second, partly padded batch and length
+  ids = [5, 17, gen.config.vocab_size - 1]
+  got = gen.next_token_logprobs(prompts, ids, batch_size=BUCKET)
+  assert got.shape == (len(prompts), len(ids)) and got.dtype == np.float32
+  forward = jax.jit(lambda p, t: Mistral(gen.config).apply({"params": p}, t))
+  for k, prompt in enumerate(prompts):
+    logits = forward(gen.params, jnp.asarray([gen.tokenizer.encode(prompt)], jnp.int32))
+    want = np.asarray(jax.nn.log_softmax(logits[0, -1].astype(jnp.float32)))[ids]
+    np.testing.assert_allclose(got[k], want, atol=1e-5)
+
+  free = _greedy(gen, PROMPTS)
+  first = [c.token_ids[0] for c in free]
+  lps = gen.next_token_logprobs(PROMPTS, first, batch_size=BUCKET)
+  np.testing.assert_allclose(np.diag(lps), [c.logprobs[0] for c in free], atol=1e-5)
+  assert gen.next_token_logprobs([], ids).shape == (0, len(ids))
+
+
+def test_next_token_logprobs_bad_input(serve_generator):
+  long_prompt = " ".join(["hello"] * 1100)
+  with pytest.raises(ValueError, match=r"judge prompt 1: \d+ prompt tokens"):
+    serve_generator.next_token_logprobs(["ok", long_prompt], [5], what="judge prompt {i}")
+  with pytest.raises(ValueError, match="token_ids is empty"):
+    serve_generator.next_token_logprobs(["ok"], [])
+  with pytest.raises(ValueError, match=r"outside the model's vocabulary"):
+    serve_generator.next_token_logprobs(["ok"], [serve_generator.config.vocab_size])
