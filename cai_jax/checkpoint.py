@@ -26,6 +26,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from cai_jax.data.jsonl import atomic_write_json
 from cai_jax.model import MistralConfig
 
 SINGLE_FILE = "model.safetensors"
@@ -367,7 +368,7 @@ def save_model(path: str, config: MistralConfig, params, *, head: str = "lm") ->
   hf["cai_jax_dtype"] = config.dtype
   save_params(os.path.join(path, PARAMS_DIR), params)
   if jax.process_index() == 0:
-    _atomic_write_json(os.path.join(path, CONFIG_FILE), hf)
+    atomic_write_json(os.path.join(path, CONFIG_FILE), hf)
 
 
 def is_hf_dir(path: str) -> bool:
@@ -441,10 +442,3 @@ def abstract_params(config: MistralConfig, head: str = "lm"):
   shapes = jax.eval_shape(
       lambda: Mistral(config, head=head).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
   return nn.unbox(shapes)["params"]
-
-
-def _atomic_write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from cai_jax import checkpoint, parallel
+from cai_jax.data import jsonl
 from cai_jax.model import MistralConfig, init_params, param_shardings
 
 
@@ -126,13 +126,9 @@ def _set_hf_pad_token(hf_dir: str, tokenizer_path: str) -> None:
   """
   from cai_jax.tokenizer import Tokenizer
   path = os.path.join(hf_dir, "config.json")
-  with open(path) as f:
-    hf_config = json.load(f)
+  hf_config = jsonl.read_json(path)
   hf_config["pad_token_id"] = int(Tokenizer.from_file(tokenizer_path).pad_id)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(hf_config, f, indent=2)
-  os.replace(tmp, path)
+  jsonl.atomic_write_json(path, hf_config)
 
 
 def add_chat_tokens(ccfg, out_dir: str) -> dict:
