@@ -183,3 +183,21 @@ def test_next_token_logprobs_bad_input(serve_generator):
     serve_generator.next_token_logprobs(["ok"], [])
   with pytest.raises(ValueError, match=r"outside the model's vocabulary"):
     serve_generator.next_token_logprobs(["ok"], [serve_generator.config.vocab_size])
+
+
+def test_next_token_logprobs_on_a_mesh_match_unsharded(serve_generator):
+  """On 8 simulated devices (data 2, fsdp 2, tensor 2) with sharded params."""
+  import numpy as np
+
+  from cai_jax import parallel
+  from cai_jax.engine import TextGenerator
+  from cai_jax.model import param_shardings
+  gen = serve_generator
+  mesh = parallel.create_mesh((2, 2, 2))
+  sharded = TextGenerator(gen.config, parallel.shard_tree(gen.params,
+                                                          param_shardings(gen.config, mesh)),
+                          gen.tokenizer, mesh=mesh, template=gen.template)
+  ids = [5, 17, 42]
+  want = gen.next_token_logprobs(PROMPTS[:3], ids, batch_size=BUCKET)
+  got = sharded.next_token_logprobs(PROMPTS[:3], ids, batch_size=2)   # rows round up to 4
+  np.testing.assert_allclose(got, want, atol=1e-5)
