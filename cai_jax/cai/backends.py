@@ -5,14 +5,16 @@ implementations:
 - `LocalBackend`: a `cai_jax.engine.TextGenerator` in this process (a model dir).
 - `NemoBackend`: NeMo's `PUT /generate` (ours or NeMo's `megatron_gpt_eval.py server=True`).
 - `OpenAIBackend`: any OpenAI-compatible `/v1/completions` (ours, vLLM, a hosted API).
-All return the completion text with the end string removed.
+All return the completion text with the end string removed. `make_backend` builds
+one from a `backend` config block (configs/common.py `backend_config`, which holds
+the defaults: the constructors have none of their own).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Protocol, Sequence
+from typing import Protocol, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,18 +51,18 @@ class LocalBackend:
   program instead of compiling a new batch shape each (minutes for a 7B model).
   """
 
-  def __init__(self, generator, batch_size: int = 32):
+  def __init__(self, generator, *, batch_size: int):
     self.generator = generator
     self.batch_size = batch_size
     self.name = "local"
 
   @classmethod
   def from_model_dir(cls, model_dir: str, tokenizer_path: str = "", *, template: str = "nemo",
-                     batch_size: int = 32, mesh=None) -> "LocalBackend":
+                     batch_size: int, mesh=None) -> "LocalBackend":
     from cai_jax.engine import TextGenerator
     tokenizer_path = tokenizer_path or os.path.join(model_dir, "tokenizer.model")
     return cls(TextGenerator.from_checkpoint(model_dir, tokenizer_path, mesh=mesh,
-                                             template=template), batch_size)
+                                             template=template), batch_size=batch_size)
 
   def prompt_tokens(self, prompt: str) -> int:
     """How many tokens `prompt` is for this model (remote backends cannot tell)."""
@@ -125,8 +127,8 @@ class NemoBackend:
   output depends on how prompts were batched. Greedy output does not.
   """
 
-  def __init__(self, url: str, *, timeout: float = 600.0, retries: int = 3,
-               backoff: float = 1.0, batch_size: int = 32):
+  def __init__(self, url: str, *, timeout: float, retries: int, backoff: float,
+               batch_size: int):
     from cai_jax.serve.client import NemoClient
     if not url:
       raise ValueError("backend.url: the server's address is required for kind='nemo', "
@@ -156,9 +158,8 @@ class OpenAIBackend:
   server (ours, vLLM) merges them into batches again.
   """
 
-  def __init__(self, base_url: str, *, model: str = "", api_key_env: str = "",
-               timeout: float = 600.0, retries: int = 3, backoff: float = 1.0,
-               concurrency: int = 8):
+  def __init__(self, base_url: str, *, model: str, api_key_env: str, timeout: float,
+               retries: int, backoff: float, concurrency: int):
     from cai_jax.serve.client import OpenAIClient
     if not base_url:
       raise ValueError("backend.url: the server's base URL is required for kind='openai', "
@@ -210,24 +211,43 @@ class OpenAIBackend:
       return list(pool.map(lambda ps: self._one(ps[0], settings, ps[1]), zip(prompts, seeds)))
 
 
+def require_fields(cfg, names: Sequence[str], block: str, builder: str) -> None:
+  """Raises ValueError naming the fields of `names` that config block `block` lacks; `builder`
+  is the config function that makes a complete block (the one place its defaults live)."""
+  missing = [n for n in names if n not in cfg]
+  if missing:
+    raise ValueError(f"{block}: missing field(s) {', '.join(missing)}; build the block with "
+                     f"{builder}, which sets every field")
+
+
+BACKEND_CONFIG = "configs/common.py backend_config()"
+_KIND_FIELDS = {"local": ("model_dir", "tokenizer", "template", "batch_size"),
+                "nemo": ("url", "timeout", "retries", "backoff", "batch_size"),
+                "openai": ("url", "model", "api_key_env", "timeout", "retries", "backoff",
+                           "concurrency")}
+
+
 def make_backend(cfg, *, mesh=None, template: str | None = None) -> Backend:
-  """From a `backend` ConfigDict: kind (local | nemo | openai), model_dir, tokenizer, url, ...
+  """From a `backend` config block (configs/common.py `backend_config`): kind (local | nemo |
+  openai) and that kind's fields, each read from the block (a missing one is an error).
 
   `template` is the one the stage renders its prompts with; a local engine then
   encodes with it (over `cfg.template`), so the ids are the ones that template
   gives the same text everywhere else."""
+  require_fields(cfg, ("kind",), "backend", BACKEND_CONFIG)
   kind = cfg.kind
+  if kind not in _KIND_FIELDS:
+    raise ValueError(f"backend.kind must be local, nemo or openai, got {kind!r}")
+  require_fields(cfg, _KIND_FIELDS[kind], "backend", BACKEND_CONFIG)
   if kind == "local":
     if not cfg.model_dir:
       raise ValueError("backend.model_dir: a model directory is required for kind='local'")
-    return LocalBackend.from_model_dir(cfg.model_dir, cfg.get("tokenizer", ""),
-                                       template=template or cfg.get("template", "nemo"),
-                                       batch_size=cfg.get("batch_size", 32), mesh=mesh)
+    return LocalBackend.from_model_dir(cfg.model_dir, cfg.tokenizer,
+                                       template=template or cfg.template,
+                                       batch_size=cfg.batch_size, mesh=mesh)
   if kind == "nemo":
-    return NemoBackend(cfg.url, timeout=cfg.get("timeout", 600.0), retries=cfg.get("retries", 3),
-                       backoff=cfg.get("backoff", 1.0), batch_size=cfg.get("batch_size", 32))
-  if kind == "openai":
-    return OpenAIBackend(cfg.url, model=cfg.get("model", ""), api_key_env=cfg.get("api_key_env", ""),
-                         timeout=cfg.get("timeout", 600.0), retries=cfg.get("retries", 3),
-                         backoff=cfg.get("backoff", 1.0), concurrency=cfg.get("concurrency", 8))
-  raise ValueError(f"backend.kind must be local, nemo or openai, got {kind!r}")
+    return NemoBackend(cfg.url, timeout=cfg.timeout, retries=cfg.retries, backoff=cfg.backoff,
+                       batch_size=cfg.batch_size)
+  return OpenAIBackend(cfg.url, model=cfg.model, api_key_env=cfg.api_key_env,
+                       timeout=cfg.timeout, retries=cfg.retries, backoff=cfg.backoff,
+                       concurrency=cfg.concurrency)
