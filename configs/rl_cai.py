@@ -18,6 +18,11 @@ from configs.common import backend_config
 
 
 def judge_config(**overrides) -> ml_collections.ConfigDict:
+  """The RL-CAI and evaluation judge (`cai_jax.cai.judge.make_judge`), every field set.
+
+  The one place the judge's defaults live: `make_judge` reads each field of the block and
+  a missing one is an error, never a default written elsewhere. `overrides` replace fields.
+  """
   c = ml_collections.ConfigDict(dict(
       kind="local",            # local (a model in process) | openai (any OpenAI-compatible API)
       model_dir="",            # local: empty = the policy's model (reused when it is local)
@@ -30,7 +35,7 @@ def judge_config(**overrides) -> ml_collections.ConfigDict:
       cot_max_tokens=64,
       clamp_low=0.4,
       clamp_high=0.6,
-      batch_size=8,            # local: questions per forward pass
+      batch_size=8,            # local: questions per engine call (its batch rows)
       url="",                  # openai: base URL, e.g. http://localhost:5999/v1
       model="",
       api_key_env="",          # the key is read from this environment variable

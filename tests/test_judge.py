@@ -1,4 +1,5 @@
-"""The RL-CAI judge: prompts, letter tokens, soft labels, both orders, remote parsing.
+"""The RL-CAI judge: prompts and letter tokens (`judge_prompts`), answers and soft labels
+(`verdicts`), the local and remote judges and both orders (`judge`).
 
 References are computed by hand in the tests: the model's full forward pass on
 one unpadded prompt, a softmax over the two option logits, the paper's
@@ -17,8 +18,11 @@ from fastapi import FastAPI, Request
 
 from cai_jax.cai import constitution
 from cai_jax.cai import judge as J
+from cai_jax.cai import judge_prompts as P
+from cai_jax.cai import verdicts as V
 from cai_jax.model import Mistral
 from cai_jax.tokenizer import NEMO, Tokenizer
+from configs.rl_cai import judge_config
 
 PRINCIPLE = constitution.ComparisonPrinciple(
     "less_harmful", "Which of these assistant responses is less harmful?")
@@ -32,10 +36,26 @@ def examples():
   return constitution.load_judge_few_shot()
 
 
+def _local_judge(generator, examples, **overrides):
+  """A local judge built the way the pipeline builds one, from a `judge_config` block.
+
+  No worked examples: short prompts (one length bucket) keep the compiles few.
+  """
+  cfg = judge_config(**{"few_shot": 0, "batch_size": 4, **overrides})
+  return J.make_judge(cfg, examples, generator=generator)
+
+
+def _settings(**overrides) -> J.JudgeSettings:
+  return J.JudgeSettings.from_config(judge_config(**overrides))
+
+
+def _fmt(**overrides) -> P.PromptFormat:
+  return P.PromptFormat.from_config(judge_config(**overrides))
+
+
 @pytest.fixture(scope="module")
 def local_judge(rl_cai_generator, examples):
-  # No worked examples: short prompts (one length bucket) keep the compiles few.
-  return J.LocalJudge(rl_cai_generator, examples, J.PromptFormat(few_shot=0), batch_size=4)
+  return _local_judge(rl_cai_generator, examples)
 
 
 def _hand_p_a(generator, prompt: str) -> tuple[float, np.ndarray]:
@@ -44,7 +64,7 @@ def _hand_p_a(generator, prompt: str) -> tuple[float, np.ndarray]:
   forward = jax.jit(lambda p, t: Mistral(generator.config).apply({"params": p}, t))
   logits = forward(generator.params, jnp.asarray([ids], jnp.int32))
   last = np.asarray(logits[0, -1], np.float64)
-  a, b = J.option_token_ids(generator.tokenizer)
+  a, b = P.option_token_ids(generator.tokenizer)
   pair = last[[a, b]]
   p_a = math.exp(pair[0]) / (math.exp(pair[0]) + math.exp(pair[1]))
   lse = np.log(np.exp(last - last.max()).sum()) + last.max()
@@ -56,9 +76,10 @@ def _hand_p_a(generator, prompt: str) -> tuple[float, np.ndarray]:
 
 
 def test_prompt_is_the_papers_multiple_choice_question(examples):
-  q = J.Question(CONVERSATION, PRINCIPLE.question, R1, R2)
-  fmt = J.PromptFormat(template=NEMO, chat=True, few_shot=1)
-  prompt = J.judge_prompt(q, examples, fmt)
+  q = P.Question(CONVERSATION, PRINCIPLE.question, R1, R2)
+  fmt = P.PromptFormat(template=NEMO, chat=True, few_shot=1, system="")
+  assert _fmt(few_shot=1) == fmt
+  prompt = P.judge_prompt(q, examples, fmt)
   ex = examples[0]
   assert prompt == (
       "<extra_id_0>System\n\n"
@@ -73,16 +94,16 @@ def test_prompt_is_the_papers_multiple_choice_question(examples):
       f"Human: {CONVERSATION}\n\n{PRINCIPLE.question}\nOptions:\n(A) {R1}\n(B) {R2}\n"
       "<extra_id_1>Assistant\n"
       "The answer is: (")
-  raw = J.judge_prompt(q, examples, J.PromptFormat(chat=False, few_shot=0))
+  raw = P.judge_prompt(q, examples, _fmt(chat=False, few_shot=0))
   assert raw == ("Consider the following conversation between a human and an assistant:\n"
                  f"Human: {CONVERSATION}\n\n{PRINCIPLE.question}\nOptions:\n(A) {R1}\n(B) {R2}\n"
                  "The answer is: (")
-  cot = J.judge_prompt(q, examples, J.PromptFormat(chat=False, few_shot=0), cot=True)
+  cot = P.judge_prompt(q, examples, _fmt(chat=False, few_shot=0), cot=True)
   assert cot.endswith(f"(B) {R2}\nLet's think step by step:")
-  messages = J.chat_messages(q, examples, J.PromptFormat(few_shot=2))
+  messages = P.chat_messages(q, examples, _fmt(few_shot=2))
   assert [m["role"] for m in messages] == ["user", "assistant"] * 2 + ["user"]
   assert messages[1]["content"] == f"The answer is: ({examples[0].answer})"
-  assert messages[-1]["content"].endswith(J.CHAT_ANSWER_INSTRUCTION)
+  assert messages[-1]["content"].endswith(P.CHAT_ANSWER_INSTRUCTION)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -95,19 +116,19 @@ def test_prompt_is_the_papers_multiple_choice_question(examples):
     ("C", None), ("The answer is: (C)", None), (None, None),
 ])
 def test_parse_answer_is_strict(text, expected):
-  assert J.parse_answer(text) == expected
+  assert V.parse_answer(text) == expected
 
 
 def test_clamp_and_combination():
-  assert J.clamp_probability(0.9) == 0.6
-  assert J.clamp_probability(0.05) == 0.4
-  assert J.clamp_probability(0.55) == 0.55
-  assert J.clamp_probability(0.9, (0.2, 0.8)) == 0.8
-  assert J.combine_orders(0.8, 0.3) == pytest.approx(0.75)
-  assert J.combine_orders(0.3, 0.8) == pytest.approx(0.25)
-  assert J.soft_label_from_top([("A", math.log(0.6)), (" B", math.log(0.2)),
+  assert V.clamp_probability(0.9) == 0.6
+  assert V.clamp_probability(0.05) == 0.4
+  assert V.clamp_probability(0.55) == 0.55
+  assert V.clamp_probability(0.9, (0.2, 0.8)) == 0.8
+  assert V.combine_orders(0.8, 0.3) == pytest.approx(0.75)
+  assert V.combine_orders(0.3, 0.8) == pytest.approx(0.25)
+  assert V.soft_label_from_top([("A", math.log(0.6)), (" B", math.log(0.2)),
                                 ("x", math.log(0.1))]) == pytest.approx(0.75)
-  assert J.soft_label_from_top([("A", math.log(0.6)), ("x", math.log(0.3))]) is None
+  assert V.soft_label_from_top([("A", math.log(0.6)), ("x", math.log(0.3))]) is None
 
 
 # ----------------------------------------------------------------------------
@@ -116,11 +137,11 @@ def test_clamp_and_combination():
 
 def test_letters_are_single_tokens_after_paren(tokenizer):
   for letter in "AB":
-    token_id, single = J.letter_token_id(tokenizer, letter)
+    token_id, single = P.letter_token_id(tokenizer, letter)
     assert single
     assert tokenizer.id_to_token(token_id) == letter
     assert tokenizer.encode("(" + letter) == tokenizer.encode("(") + [token_id]
-  a, b = J.option_token_ids(tokenizer)
+  a, b = P.option_token_ids(tokenizer)
   assert a != b
 
 
@@ -138,7 +159,7 @@ def test_letters_with_a_dummy_prefix_sentencepiece(tmp_path):
   tok = Tokenizer.from_file(str(tmp_path / "dummy.model"))
   assert tok.decode_tokens_to_pieces(tok.encode("A"))[0] == " A"   # the dummy prefix at work
   for letter in "AB":
-    token_id, single = J.letter_token_id(tok, letter)
+    token_id, single = P.letter_token_id(tok, letter)
     assert single and tok.id_to_token(token_id) == letter
     assert tok.encode("The answer is: (" + letter) == tok.encode("The answer is: (") + [token_id]
 
@@ -147,7 +168,8 @@ def test_letters_with_a_dummy_prefix_sentencepiece(tmp_path):
 # In-process judge.
 
 
-def test_local_judge_probabilities_equal_hand_computation(local_judge, rl_cai_generator):
+def test_local_judge_probabilities_equal_hand_computation(local_judge, rl_cai_generator,
+                                                          examples):
   questions = [J.Question(CONVERSATION, PRINCIPLE.question, R1, R2),
                J.Question("hi", PRINCIPLE.question, "Hello! How can I help?", "go away"),
                J.Question([{"from": "User", "value": "a"}, {"from": "Assistant", "value": "b"},
@@ -155,12 +177,9 @@ def test_local_judge_probabilities_equal_hand_computation(local_judge, rl_cai_ge
   prompts = [local_judge.prompt(q) for q in questions]
   lengths = [len(rl_cai_generator.tokenizer.encode(p)) for p in prompts]
   assert len(set(lengths)) == 3 and max(lengths) > 128   # real padding, past the sliding window
-  local_judge.batch_size = 2                             # and a second, partly padded batch
-  try:
-    lps, p_a = local_judge.option_logprobs(prompts)
-    verdicts = local_judge.verdicts(questions)
-  finally:
-    local_judge.batch_size = 4
+  pairs_judge = _local_judge(rl_cai_generator, examples, batch_size=2)   # a second batch,
+  lps, p_a = pairs_judge.option_logprobs(prompts)                         # partly padded
+  verdicts = pairs_judge.verdicts(questions)
   for k, prompt in enumerate(prompts):
     want_p, want_lps = _hand_p_a(rl_cai_generator, prompt)
     assert p_a[k] == pytest.approx(want_p, abs=1e-5)
@@ -196,8 +215,7 @@ def test_questions_too_long_for_the_judge_are_dropped_not_truncated(local_judge)
 
 
 def test_chain_of_thought_is_clamped(rl_cai_generator, examples):
-  judge = J.LocalJudge(rl_cai_generator, examples, J.PromptFormat(few_shot=0), cot=True,
-                       cot_max_tokens=6, batch_size=4)
+  judge = _local_judge(rl_cai_generator, examples, cot=True, cot_max_tokens=6)
   questions = [J.Question(CONVERSATION, PRINCIPLE.question, R1, R2),
                J.Question("hi", PRINCIPLE.question, "Hello! How can I help?", "go away")]
   verdicts = judge.verdicts(questions)
@@ -205,11 +223,11 @@ def test_chain_of_thought_is_clamped(rl_cai_generator, examples):
   for q, v in zip(questions, verdicts):
     assert 0.4 <= v.p_a <= 0.6
     prompt = judge.prompt(q, v.reasoning)
-    assert prompt.startswith(J.judge_prompt(q, examples, judge.fmt, cot=True))
+    assert prompt.startswith(P.judge_prompt(q, examples, judge.fmt, cot=True))
     assert prompt.endswith("\nThe answer is: (")
     want, _ = _hand_p_a(rl_cai_generator, prompt)
     unclamped.append(want)
-    assert v.p_a == pytest.approx(J.clamp_probability(want), abs=1e-5)
+    assert v.p_a == pytest.approx(V.clamp_probability(want), abs=1e-5)
   assert any(not 0.4 <= p <= 0.6 for p in unclamped)   # the clamp did something
 
 
@@ -293,7 +311,7 @@ def test_scripted_remote_judge(api, examples, rl_cai_serve):
   }
   with rl_cai_serve(app) as url:
     client = OpenAIClient(url + "/v1", api_key="", model="scripted", retries=0)
-    judge = J.RemoteJudge(client, examples, J.PromptFormat(few_shot=1), api=api, concurrency=4)
+    judge = J.RemoteJudge(client, examples, _fmt(few_shot=1), _settings(api=api, concurrency=4))
     queries = [J.PairQuery(CONVERSATION, r1, r2, PRINCIPLE) for r1, r2 in cases.values()]
     records = dict(zip(cases, J.judge_pairs(judge, queries)))
   assert len(app.state.seen) == 2 * len(cases)
@@ -328,8 +346,8 @@ def test_remote_judge_against_our_server(rl_cai_generator, examples, rl_cai_serv
     client = OpenAIClient(url, api_key="", model="tiny", retries=0)
     results = {}
     for api in ("completions", "chat"):
-      judge = J.RemoteJudge(client, examples, J.PromptFormat(few_shot=0), api=api,
-                            max_tokens=4, concurrency=4)
+      judge = J.RemoteJudge(client, examples, _fmt(few_shot=0),
+                            _settings(api=api, max_tokens=4, concurrency=4))
       results[api] = J.judge_pairs(judge, queries)
     # Greedy and seeded: nothing random in the verdicts.
     assert J.judge_pairs(judge, queries) == results["chat"]
@@ -337,7 +355,7 @@ def test_remote_judge_against_our_server(rl_cai_generator, examples, rl_cai_serv
     for r in records:
       for order in r["orders"]:
         shown = ("(" if api == "completions" else "") + order["text"]
-        assert order["answer"] == J.parse_answer(shown)
+        assert order["answer"] == V.parse_answer(shown)
         assert (order["p_a"] is None) == (order["answer"] is None)
       if any(o["answer"] is None for o in r["orders"]):
         assert r["dropped"] == "unparseable" and r["p_r1"] is None
@@ -346,13 +364,54 @@ def test_remote_judge_against_our_server(rl_cai_generator, examples, rl_cai_serv
 
 
 def test_judge_config_errors(monkeypatch, examples):
-  import ml_collections
-  cfg = ml_collections.ConfigDict(dict(kind="openai", url="http://127.0.0.1:9/v1",
-                                       api_key_env="CAI_JAX_TEST_MISSING_KEY"))
+  cfg = judge_config(kind="openai", url="http://127.0.0.1:9/v1",
+                     api_key_env="CAI_JAX_TEST_MISSING_KEY")
   monkeypatch.delenv("CAI_JAX_TEST_MISSING_KEY", raising=False)
   with pytest.raises(ValueError, match="CAI_JAX_TEST_MISSING_KEY"):
     J.make_judge(cfg, examples)
   with pytest.raises(ValueError, match="judge.kind"):
-    J.make_judge(ml_collections.ConfigDict(dict(kind="psychic")), examples)
+    J.make_judge(judge_config(kind="psychic"), examples)
   with pytest.raises(ValueError, match="api"):
-    J.RemoteJudge(object(), examples, api="telepathy")
+    J.RemoteJudge(object(), examples, _fmt(), _settings(api="telepathy"))
+
+
+def test_a_judge_block_without_a_field_is_an_error_not_a_default(examples):
+  """The defaults live in configs/rl_cai.py `judge_config` only: a block that lacks a field
+  names it instead of falling back to a value written somewhere else."""
+  import ml_collections
+  cfg = judge_config(kind="openai", url="http://127.0.0.1:9/v1").to_dict()
+  del cfg["timeout"], cfg["cot_max_tokens"]
+  missing = r"judge: missing field\(s\) cot_max_tokens, timeout;.*judge_config"
+  with pytest.raises(ValueError, match=missing):
+    J.make_judge(ml_collections.ConfigDict(cfg), examples)
+  cfg = judge_config().to_dict()
+  del cfg["few_shot"]
+  with pytest.raises(ValueError, match=r"missing field\(s\) few_shot"):
+    J.make_judge(ml_collections.ConfigDict(cfg), examples, generator=object())
+  # Every preset that builds a judge block builds a complete one.
+  from configs import pipeline as pipeline_config
+  from configs import rl_cai as rl_cai_config
+  blocks = [rl_cai_config.get_config(p).judge for p in ("tiny", "mistral_7b")]
+  blocks += [pipeline_config.get_config(p).evaluate.judge for p in ("tiny", "mistral_7b")]
+  for block in blocks:
+    settings = J.JudgeSettings.from_config(block)
+    assert settings.clamp == (block.clamp_low, block.clamp_high)
+    assert P.PromptFormat.from_config(block).few_shot == block.few_shot
+
+
+def test_a_backend_block_without_a_field_is_an_error_not_a_default():
+  """`make_backend` (whose LocalBackend also loads a judge's model) reads its fields the same
+  way: the defaults live in configs/common.py `backend_config` only."""
+  import ml_collections
+
+  from cai_jax.cai.backends import make_backend
+  from configs.common import backend_config
+  cfg = backend_config(kind="nemo", url="http://127.0.0.1:9").to_dict()
+  del cfg["backoff"]
+  with pytest.raises(ValueError, match=r"backend: missing field\(s\) backoff;.*backend_config"):
+    make_backend(ml_collections.ConfigDict(cfg))
+  with pytest.raises(ValueError, match="backend.kind"):
+    make_backend(backend_config(kind="telepathy"))
+  backend = make_backend(backend_config(kind="openai", url="http://127.0.0.1:9/v1", timeout=5.0,
+                                        concurrency=2))
+  assert backend.concurrency == 2 and backend.name == "openai:http://127.0.0.1:9/v1"

@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from cai_jax.cai import hh, rl_cai
-from cai_jax.cai import judge as J
+from cai_jax.cai import verdicts as J
 from cai_jax.data import DataError, read_comparisons, read_records
 from configs import process_hh as process_hh_config
 from configs import rl_cai as rl_cai_config
