@@ -7,9 +7,10 @@
 Stages (each in DIR/<stage>, each reading the previous stages' outputs):
 tokenizer -> base (tiny only) -> sl_cai -> sft -> hh -> rl_cai -> rm -> ppo -> evaluate.
 This file only chains them: it wires each stage's inputs to the earlier
-stages' outputs and skips a stage whose manifest says it completed with the
-same config and unchanged inputs (and whose upstream stages were skipped
-too), so a rerun after a crash continues where it stopped. Every stage also
+stages' outputs and runs them in order. `cai_jax.stages` decides whether a
+stage is skipped (its manifest says it completed with the same config and
+unchanged inputs, and its upstream stages were skipped too), restarted or
+resumed, so a rerun after a crash continues where it stopped. Every stage also
 resumes by itself from its own partial output or checkpoints.
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import ml_collections
@@ -30,8 +30,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory for every stag
 _STAGES = flags.DEFINE_list("stages", None, "Run only these stages (default: config.stages).")
 _FORCE = flags.DEFINE_list("force", [], "Rerun these stages even if complete.")
 
-RESULT_FILE = "stage_result.json"
-
 
 def _set(cfg, path: str, value, *, only_if_empty: bool = True):
   """Sets a dotted field of a ConfigDict (unlocked), unless the user already set it."""
@@ -42,17 +40,6 @@ def _set(cfg, path: str, value, *, only_if_empty: bool = True):
   with node.unlocked():
     if not (only_if_empty and node.get(keys[-1])):
       node[keys[-1]] = value
-
-
-def _skip(stage_dir: str, stage_cfg, upstream_ran: bool) -> bool:
-  from cai_jax.data import jsonl
-  if upstream_ran or not os.path.exists(os.path.join(stage_dir, RESULT_FILE)):
-    return False
-  manifest = jsonl.read_manifest(stage_dir)
-  if not manifest or not manifest.get("complete"):
-    return False
-  inputs = {k: v["path"] for k, v in (manifest.get("inputs") or {}).items()}
-  return jsonl.manifest_matches(stage_dir, config=stage_cfg, inputs=inputs)
 
 
 class Pipeline:
@@ -74,34 +61,26 @@ class Pipeline:
     return os.path.join(self.dir(stage), "model")
 
   def run_stage(self, name: str, stage_cfg, fn):
+    from cai_jax import stages as stage_lib
     stage_dir = self.dir(name)
     if name not in self.stages:
-      path = os.path.join(stage_dir, RESULT_FILE)
-      if os.path.exists(path):
-        with open(path) as f:
-          self.results[name] = json.load(f)
+      result = stage_lib.read_result(stage_dir)
+      if result is not None:
+        self.results[name] = result
       return
-    if name not in self.force and _skip(stage_dir, stage_cfg, self.upstream_ran):
-      with open(os.path.join(stage_dir, RESULT_FILE)) as f:
-        self.results[name] = json.load(f)
+    decision = stage_lib.decide(stage_dir, stage_cfg, forced=name in self.force,
+                                upstream_ran=self.upstream_ran)
+    if decision == stage_lib.SKIP:
+      self.results[name] = stage_lib.read_result(stage_dir)
       print(f"[pipeline] {name}: complete, skipped ({stage_dir})", flush=True)
       return
-    from cai_jax.data import jsonl
-    if name in self.force or jsonl.read_manifest(stage_dir):
-      # It completed before under another config or other inputs, or --force names it:
-      # start it afresh rather than resume checkpoints made with other settings. (A
-      # partial stage with another config is refused by the stage itself.)
-      shutil.rmtree(stage_dir, ignore_errors=True)
+    stage_lib.prepare(stage_dir, decision)
     print(f"[pipeline] {name}: running -> {stage_dir}", flush=True)
     start = time.time()
-    os.makedirs(stage_dir, exist_ok=True)
-    result = fn(stage_cfg, stage_dir) or {}
-    result = json.loads(json.dumps(result, default=str))
-    result["seconds"] = time.time() - start
-    jsonl.atomic_write_json(os.path.join(stage_dir, RESULT_FILE), result)
-    self.results[name] = result
+    result = fn(stage_cfg, stage_dir)
+    self.results[name] = stage_lib.write_result(stage_dir, result, time.time() - start)
     self.upstream_ran = True
-    print(f"[pipeline] {name}: done in {result['seconds']:.0f}s", flush=True)
+    print(f"[pipeline] {name}: done in {self.results[name]['seconds']:.0f}s", flush=True)
 
   # --- stages -------------------------------------------------------------------
 
@@ -120,7 +99,8 @@ class Pipeline:
       _set(cfg, "tokenizer", os.path.join(cfg.instruct_model or cfg.base_model, "tokenizer.model"))
     tok = cfg.tokenizer or os.path.join(self.dir("tokenizer"), "tokenizer.model")
     if not cfg.tokenizer:
-      self.run_stage("tokenizer", _tokenizer_cfg(cfg), _train_tokenizer)
+      from cai_jax.tokenizer_stages import train_tokenizer
+      self.run_stage("tokenizer", _tokenizer_cfg(cfg), train_tokenizer)
     base = cfg.base_model or self.model("base")
     instruct = cfg.instruct_model or base
     instruct_tok = tok                  # the instruct model keeps the tokenizer it came with
@@ -129,7 +109,7 @@ class Pipeline:
       chat_cfg = ml_collections.ConfigDict({
           "tokenizer": tok, "base_model": cfg.base_model,
           "pieces": list(get_template(cfg.sft.template).markers)})
-      from cai_jax.train.common import add_chat_tokens
+      from cai_jax.tokenizer_stages import add_chat_tokens
       self.run_stage("chat_tokens", chat_cfg, add_chat_tokens)
       tok = os.path.join(self.dir("chat_tokens"), "tokenizer.model")
       if cfg.base_model:
@@ -222,19 +202,6 @@ def _tokenizer_cfg(cfg):
                                     "vocab_size": cfg.tokenizer_vocab_size})
 
 
-def _train_tokenizer(tcfg, out_dir: str) -> dict:
-  from cai_jax.data import jsonl
-  from cai_jax.tokenizer import train_sentencepiece
-  if not tcfg.corpus:
-    raise ValueError("config.tokenizer (a sentencepiece model) or config.tokenizer_corpus is needed")
-  with open(tcfg.corpus, encoding="utf-8") as f:
-    text = f.read()
-  path = train_sentencepiece([text], os.path.join(out_dir, "tokenizer"), vocab_size=tcfg.vocab_size)
-  jsonl.write_manifest(out_dir, stage="tokenizer", config=tcfg, inputs={"corpus": tcfg.corpus},
-                       counts={"vocab_size": tcfg.vocab_size}, seed=0)
-  return {"stage": "tokenizer", "outputs": {"tokenizer": path}}
-
-
 def headline(results: dict, workdir: str) -> str:
   lines = ["", "=" * 72, f"cai_jax pipeline finished: {workdir}", ""]
   for name, r in results.items():
@@ -246,7 +213,8 @@ def headline(results: dict, workdir: str) -> str:
   sft, rm, ppo, ev = (results.get(k) or {} for k in ("sft", "rm", "ppo", "evaluate"))
   lines.append("")
   if sft:
-    lines.append(f"  SFT      val loss {sft.get('final_eval', {}).get('val_loss', float('nan')):.3f}")
+    val_loss = sft.get("final_eval", {}).get("val_loss", float("nan"))
+    lines.append(f"  SFT      val loss {val_loss:.3f}")
   if rm:
     lines.append(f"  RM       test accuracy {rm.get('test_accuracy') or float('nan'):.3f}")
   if ppo:

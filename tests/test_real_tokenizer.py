@@ -310,7 +310,7 @@ def test_added_chat_tokens_change_only_the_markers(mistral_v1_path, mistral_toke
   from cai_jax import checkpoint
   from cai_jax.model import Mistral
   from cai_jax.tokenizer import Tokenizer
-  from cai_jax.train.common import add_chat_tokens
+  from cai_jax.tokenizer_stages import add_chat_tokens
   tok = mistral_tokenizer
   # The stage, on a (tiny, vocab-512) base model standing in for Mistral-7B.
   out = add_chat_tokens(ml_collections.ConfigDict(

@@ -129,34 +129,3 @@ def _set_hf_pad_token(hf_dir: str, tokenizer_path: str) -> None:
   hf_config = jsonl.read_json(path)
   hf_config["pad_token_id"] = int(Tokenizer.from_file(tokenizer_path).pad_id)
   jsonl.atomic_write_json(path, hf_config)
-
-
-def add_chat_tokens(ccfg, out_dir: str) -> dict:
-  """The pipeline's `chat_tokens` stage: `ccfg.tokenizer` with `ccfg.pieces` (chat markers)
-  added as single pieces, in `out_dir/tokenizer.model`; given `ccfg.base_model`, that model
-  with room for them in `out_dir/model` (new embedding rows and LM-head columns are the mean
-  ones, `model.grow_vocab`). Both directories record what was added in `added_tokens.json`."""
-  from cai_jax.data import jsonl
-  from cai_jax.model import grow_vocab
-  from cai_jax.tokenizer import Tokenizer, add_pieces
-  tok_path = os.path.join(out_dir, "tokenizer.model")
-  added = add_pieces(ccfg.tokenizer, list(ccfg.pieces), tok_path)
-  tok = Tokenizer.from_file(tok_path)
-  record = {"source_tokenizer": ccfg.tokenizer, "added_pieces": {p: tok.token_to_id(p)
-                                                                 for p in added},
-            "vocab_size": tok.vocab_size, "init": "mean of the existing embedding rows"}
-  outputs = {"tokenizer": tok_path}
-  if ccfg.base_model:
-    config, params, head = checkpoint.load_model(ccfg.base_model)
-    grown, params = grow_vocab(config, params, max(config.vocab_size, tok.vocab_size))
-    model_dir = os.path.join(out_dir, "model")
-    checkpoint.save_model(model_dir, grown, params, head=head)
-    shutil.copy(tok_path, os.path.join(model_dir, "tokenizer.model"))
-    record.update(source_model=ccfg.base_model, model_vocab_before=config.vocab_size,
-                  model_vocab_after=grown.vocab_size)
-    jsonl.atomic_write_json(os.path.join(model_dir, "added_tokens.json"), record)
-    outputs["model"] = model_dir
-  jsonl.atomic_write_json(os.path.join(out_dir, "added_tokens.json"), record)
-  jsonl.write_manifest(out_dir, stage="chat_tokens", config=ccfg,
-                       inputs={"tokenizer": ccfg.tokenizer}, counts={"added": len(added)}, seed=0)
-  return {"stage": "chat_tokens", "added": record["added_pieces"], "outputs": outputs}
