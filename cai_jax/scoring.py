@@ -65,7 +65,8 @@ class RewardScorer:
       raise ValueError(f"{model_dir}: not a reward model (its head is {head!r})")
     _, self.params, _ = checkpoint.load_model(
         model_dir, head="scalar", shardings=param_shardings(self.config, self.mesh, "scalar"))
-    self.tokenizer = Tokenizer.from_file(tokenizer_path or os.path.join(model_dir, "tokenizer.model"))
+    self.tokenizer = Tokenizer.from_file(
+        tokenizer_path or os.path.join(model_dir, "tokenizer.model"))
     self.template = get_template(template)
     self.end_of_turn = self.template.end_of_turn_ids(self.tokenizer)
     self.max_seq_len = max_seq_len
