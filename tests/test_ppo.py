@@ -1,6 +1,6 @@
 """PPO stage (`cai_jax/train/ppo.py`) end to end on the tiny random policy.
 
-Every run here uses `run_ppo(cfg, workdir, reward_fn=...)` (or its PPOTrainer)
+Every run here uses `run_ppo(cfg, workdir, reward_fn=...)` (or its `ppo.build` pieces)
 with a random-init tiny actor and the synthetic reward of tests/ppo_worker.py
 (the fraction of response tokens in a quarter of the vocabulary), on
 red-team prompts from data/ rendered with the NeMo template.
@@ -29,10 +29,10 @@ import pytest
 import loopback
 import ppo_worker as worker
 import train_worker
-from cai_jax import checkpoint
+from cai_jax import checkpoint, parallel
 from cai_jax.data.jsonl import DataError
 from cai_jax.metrics import read_metrics
-from cai_jax.train import common, ppo
+from cai_jax.train import ppo
 from cai_jax.tokenizer import NEMO
 
 # Wall-clock and throughput numbers differ from run to run; everything else must not.
@@ -201,21 +201,22 @@ def test_rollout_logprobs_equal_a_fresh_forward_and_first_ratio_is_one(sp_model_
   tokenizer = Tokenizer.from_file(sp_model_path)
   rows, _ = ppo.load_prompt_rows(cfg.train_prompts, tokenizer, NEMO, cfg.max_prompt_len,
                                  tokenizer.pad_id)
-  trainer = ppo.PPOTrainer(cfg, mesh=common.mesh_from_config(cfg), tokenizer=tokenizer,
-                           reward_fn=reward(cfg))
+  step, state, _ = ppo.build(cfg, parallel.mesh_from_config(cfg.mesh), tokenizer,
+                             reward_fn=reward(cfg))
   batch = {k: np.stack([r[k] for r in rows[:cfg.rollout_batch_size]]) for k in ("ids", "length")}
-  params_before = jax.device_get(trainer.actor.params)
-  metrics, exp = trainer.iteration(batch, cfg.ppo.init_kl_coef, iteration=1)
+  params_before = jax.device_get(state.actor.params)
+  _, metrics = step(state, step.put_batch(batch))
+  exp = step.last_experience
 
   r = jax.device_get(exp.rollout)
-  fresh, _ = jax.jit(lambda p, r: ppo.response_logprobs(trainer.actor_cfg, p, r, trainer.P,
+  fresh, _ = jax.jit(lambda p, r: ppo.response_logprobs(step.models.actor_cfg, p, r, step.P,
                                                         cfg.ppo.temperature))(params_before, r)
   fresh = np.asarray(fresh)
   assert r.mask.sum() > 0 and np.all(r.mask.sum(-1) == r.lengths)
   np.testing.assert_allclose(r.logp[r.mask], fresh[r.mask], atol=1e-5, rtol=0)
   assert np.all(r.logp[~r.mask] == 0)
 
-  stats = trainer.last_update_stats
+  stats = step.last_update_stats
   assert np.shape(stats["ratio_mean"]) == (cfg.ppo.ppo_epochs, cfg.ppo.num_minibatches)
   # The first minibatch of the first epoch is scored by the very policy that sampled it.
   assert stats["ratio_mean"][0, 0] == pytest.approx(1.0, abs=1e-5)
@@ -235,21 +236,22 @@ def test_bfloat16_recomputed_old_logprobs_give_a_first_ratio_of_one(sp_model_pat
   tokenizer = Tokenizer.from_file(sp_model_path)
   rows, _ = ppo.load_prompt_rows(cfg.train_prompts, tokenizer, NEMO, cfg.max_prompt_len,
                                  tokenizer.pad_id)
-  trainer = ppo.PPOTrainer(cfg, mesh=common.mesh_from_config(cfg), tokenizer=tokenizer,
-                           reward_fn=reward(cfg))
-  assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(trainer.ref_params))
-  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(trainer.actor.params))
+  step, state, _ = ppo.build(cfg, parallel.mesh_from_config(cfg.mesh), tokenizer,
+                             reward_fn=reward(cfg))
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(step.models.ref_params))
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.actor.params))
   batch = {k: np.stack([r[k] for r in rows[:cfg.rollout_batch_size]]) for k in ("ids", "length")}
-  params_before = jax.device_get(trainer.actor.params)
-  metrics, exp = trainer.iteration(batch, cfg.ppo.init_kl_coef, iteration=1)
+  params_before = jax.device_get(state.actor.params)
+  _, metrics = step(state, step.put_batch(batch))
+  exp = step.last_experience
   assert metrics["sampler_logp_error"] > 1e-4        # the cached decode rounds differently
   r = jax.device_get(exp.rollout)
-  fresh, _ = jax.jit(lambda p, r: ppo.response_logprobs(trainer.actor_cfg, p, r, trainer.P,
+  fresh, _ = jax.jit(lambda p, r: ppo.response_logprobs(step.models.actor_cfg, p, r, step.P,
                                                         cfg.ppo.temperature))(params_before, r)
   np.testing.assert_allclose(r.logp[r.mask], np.asarray(fresh)[r.mask], atol=1e-6, rtol=0)
   # bfloat16 rounds a minibatch's forward differently from the full batch's too, so
   # the first ratio is 1 to bfloat16 precision only.
-  stats = trainer.last_update_stats
+  stats = step.last_update_stats
   assert stats["ratio_mean"][0, 0] == pytest.approx(1.0, abs=1e-3)
   assert stats["clip_fraction"][0, 0] == 0.0
   assert all(math.isfinite(metrics[k]) for k in REQUIRED_METRICS)
@@ -261,7 +263,6 @@ def test_bfloat16_recomputed_old_logprobs_give_a_first_ratio_of_one(sp_model_pat
 def model_dirs(tmp_path_factory):
   """A random tiny 'SFT' policy and a random tiny reward model, saved as the SFT and RM
   stages save theirs (cai_jax model directories)."""
-  from cai_jax import parallel
   from cai_jax.model import MistralConfig, init_params
   from configs.models import get_config as model_preset
   config = MistralConfig.from_config(model_preset("tiny"))
@@ -285,26 +286,27 @@ def test_actor_reference_critic_and_reward_model_from_directories(sp_model_path,
   cfg = make_cfg(sp_model_path, prompt_files, actor_init=model_dirs["sft"],
                  rm_init=model_dirs["rm"])
   tokenizer = Tokenizer.from_file(sp_model_path)
-  trainer = ppo.PPOTrainer(cfg, mesh=common.mesh_from_config(cfg), tokenizer=tokenizer)
+  step, state, _ = ppo.build(cfg, parallel.mesh_from_config(cfg.mesh), tokenizer)
   sft = jax.device_get(checkpoint.load_model(model_dirs["sft"])[1])
   rm_config, rm, _ = checkpoint.load_model(model_dirs["rm"])
   rm = jax.device_get(rm)
-  assert_trees_equal(jax.device_get(trainer.actor.params), sft)
-  assert_trees_equal(jax.device_get(trainer.ref_params), sft)
-  assert_trees_equal(jax.device_get(trainer.critic.params), rm)
+  assert_trees_equal(jax.device_get(state.actor.params), sft)
+  assert_trees_equal(jax.device_get(step.models.ref_params), sft)
+  assert_trees_equal(jax.device_get(state.critic.params), rm)
 
   rows, _ = ppo.load_prompt_rows(cfg.train_prompts, tokenizer, NEMO, cfg.max_prompt_len,
                                  tokenizer.pad_id)
   batch = {k: np.stack([r[k] for r in rows[:cfg.rollout_batch_size]]) for k in ("ids", "length")}
-  metrics, exp = trainer.iteration(batch, cfg.ppo.init_kl_coef, iteration=1)
+  _, metrics = step(state, step.put_batch(batch))
+  exp = step.last_experience
   r = jax.device_get(exp.rollout)
   values = Mistral(rm_config, head="scalar").apply({"params": rm}, r.seq, positions=r.positions,
                                                    attention_mask=r.valid)
-  last = trainer.P + r.lengths - 1
+  last = step.P + r.lengths - 1
   expected = np.asarray(values)[np.arange(len(last)), last]
   np.testing.assert_allclose(np.asarray(exp.score), expected, atol=1e-5)
   # The reference stays frozen while the actor and critic train.
-  assert_trees_equal(jax.device_get(trainer.ref_params), sft)
+  assert_trees_equal(jax.device_get(step.models.ref_params), sft)
   assert metrics["approx_kl"] > 0 and math.isfinite(metrics["value_loss"])
 
 

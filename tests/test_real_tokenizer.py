@@ -275,14 +275,15 @@ def test_ppo_stops_on_the_multi_token_marker_and_reads_its_last_token(
   cfg.ppo.no_stop_penalty = 1000.0
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
                            ("data", "fsdp", "tensor"))
-  trainer = ppo.PPOTrainer(cfg, mesh=mesh, tokenizer=tok, reward_fn=_last_token_reward)
-  assert trainer.eot_ids == eot and len(eot) == 7
+  step, state, _ = ppo.build(cfg, mesh, tok, reward_fn=_last_token_reward)
+  assert step.eot_ids == eot and len(eot) == 7
   rows, _ = ppo.load_prompt_rows(path, tok, NEMO, cfg.max_prompt_len, tok.pad_id)
   batch = {k: np.stack([r[k] for r in rows]) for k in ("ids", "length")}
-  r = trainer.rollout_fn(trainer.actor.params, trainer.put(batch["ids"]),
-                         trainer.put(batch["length"]), trainer.eval_sp, trainer.eval_key)
-  scores, lengths, stopped, _ = jax.device_get(
-      trainer.eval_fn(trainer.actor.params, trainer.ref_params, trainer.reward_params, r))
+  device_batch = step.put_batch(batch)
+  r = step.rollout_fn(state.actor.params, device_batch["ids"], device_batch["length"],
+                      step.eval_sp, step.eval_key)
+  scores, lengths, stopped, _ = jax.device_get(step.eval_fn(
+      state.actor.params, step.models.ref_params, step.models.reward_params, r))
   seq = np.asarray(jax.device_get(r.seq))
   P = cfg.max_prompt_len
   for i in (0, 2):                      # SHORT: "Hi!\n" then the whole marker, then stop
@@ -296,7 +297,8 @@ def test_ppo_stops_on_the_multi_token_marker_and_reads_its_last_token(
     assert not any(response[k:k + len(eot)] == eot for k in range(len(response)))
     assert scores[i] == float(response[-1]) - cfg.ppo.no_stop_penalty
   # One full iteration runs on these rollouts (score, GAE, update) with finite losses.
-  metrics, _ = trainer.iteration(batch, kl_coef=0.01, iteration=1)
+  step.kl.value = 0.01
+  _, metrics = step(state, device_batch)
   assert metrics["stopped_fraction"] == pytest.approx(0.5)
   assert np.isfinite(metrics["policy_loss"]) and np.isfinite(metrics["value_loss"])
 

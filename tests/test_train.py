@@ -241,7 +241,7 @@ def test_infinite_learning_rate_stops_at_step_one_and_saves_nothing(sp_model_pat
     run_sft(cfg, str(tmp_path), mesh=_mesh1())
   msg = str(err.value)
   assert "step 1:" in msg and "param_norm" in msg, msg
-  assert "Last good checkpoint: none" in msg, msg
+  assert "last good checkpoint is none" in msg, msg
   assert [s for s in _ls(tmp_path / "checkpoints") if s.isdigit()] == []
   assert not (tmp_path / "model").exists() and not (tmp_path / "report.json").exists()
 
@@ -266,7 +266,7 @@ def test_divergence_at_a_save_step_keeps_the_last_good_checkpoint(sp_model_path,
   with pytest.raises(TrainingDivergedError) as err:
     sft.run_sft(cfg, str(tmp_path), mesh=_mesh1())
   msg = str(err.value)
-  assert "step 4:" in msg and "Last good checkpoint: step 2" in msg, msg
+  assert "step 4:" in msg and "last good checkpoint is step 2" in msg, msg
   assert [s for s in _ls(tmp_path / "checkpoints") if s.isdigit()] == ["2"]
   assert [r["step"] for r in train_worker.read_metrics(str(tmp_path))] == [1, 2, 3]
   assert not (tmp_path / "model").exists()

@@ -1,13 +1,19 @@
-"""The one training loop every stage uses (SFT, reward model; PPO reuses its parts).
+"""The one training loop every stage runs on: SFT, the reward model and PPO.
 
-    state -> [restore] -> for step: batch -> jitted step -> guard -> log / eval / save
+    state -> [restore] -> for step: batch -> step(state, batch) -> checks -> log / eval / save
+
+A stage hands it a state pytree and a step function `(state, batch) -> (state,
+metrics)`: SFT's and the RM's jitted train step over a TrainState, or a PPO iteration
+(rollout, score and update, three compiled programs) over the actor's and critic's
+TrainStates. The RNG key is part of the state; host-side state a step keeps (PPO's KL
+coefficient) is checkpointed beside it, as the data iterator's position is.
 
 What it guarantees:
-- Exact resume: the checkpoint holds the whole TrainState (params, optimizer,
-  step, RNG) and the data iterator position; a run killed after step N and
-  resumed reproduces the uninterrupted run bit for bit on CPU.
+- Exact resume: the checkpoint holds the whole state (params, optimizer, step, RNG,
+  and whatever else the stage keeps there) and the data iterator position; a run
+  killed after step N and resumed reproduces the uninterrupted run bit for bit on CPU.
 - No host round-trip on the hot path: step i's metrics are fetched after step
-  i+1 has been dispatched, so the device never waits for Python.
+  i+1 has been dispatched, so the device never waits for Python (`overlap`).
 - A NaN/Inf loss, gradient or updated parameter stops the run with a clear
   error before anything is saved, so the newest checkpoint is the last good one.
 - Honest metrics: a resumed run first drops the metrics.jsonl records of steps
@@ -26,13 +32,14 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
+from cai_jax.data.jsonl import atomic_write_bytes
 from cai_jax.metrics import MetricsWriter
 from cai_jax.train.checkpointing import Checkpointer
 from cai_jax.train.state import TrainState, abstract_state
@@ -79,6 +86,12 @@ class DivergenceGuard:
   def state(self) -> dict:
     return {"history": self.history, "base_norms": self.base_norms}
 
+  def restore(self, state: dict | None) -> None:
+    """Continues from a checkpointed `state()` (None: keep the current one)."""
+    if state is not None:
+      self.history = {k: list(v) for k, v in (state.get("history") or {}).items()}
+      self.base_norms = dict(state.get("base_norms") or {})
+
   def set_base_norm(self, name: str, value: float) -> None:
     self.base_norms.setdefault(name, float(value))
 
@@ -118,14 +131,31 @@ class DivergenceGuard:
 
 @dataclasses.dataclass
 class LoopSettings:
+  """What the loop needs to know about a stage besides its step function."""
   total_steps: int
   log_every: int = 10
-  eval_every: int = 0          # 0: only at the end
-  save_every: int = 0          # 0: only at the end
+  eval_every: int = 0           # 0: only at the end
+  save_every: int = 0           # 0: only at the end
   flops_per_token: float = 0.0  # forward+backward FLOPs per token, for the MFU estimate
   peak_flops: float = 0.0       # per device
-  desc: str = "train"
-  eval_at_start: bool = True    # evaluate the initial params (step 0) on a fresh start
+  desc: str = "train"           # progress bar label; first word of a divergence error
+  unit: str = "step"            # what a step is called in messages ("iteration" for PPO)
+  eval_at_start: bool = True    # evaluate the initial state (step 0) on a fresh start
+  # Metrics that must be finite, checked before anything of the step is logged or saved.
+  finite_metrics: tuple[str, ...] = ("loss", "grad_norm", "param_norm")
+  # Shown on the progress bar: train metrics, then (after each evaluation) eval metrics.
+  postfix: tuple[str, ...] = ("loss",)
+  eval_postfix: tuple[str, ...] = ("val_loss",)
+  # Fetch step i's metrics after step i+1 is dispatched (the device never waits for
+  # Python). Off for steps that synchronise anyway (PPO reads its rewards mid-step).
+  overlap: bool = True
+  advice: str = ("Lower the learning rate, check the data for empty or corrupt examples, "
+                 "or enable gradient clipping.")
+
+
+class NonFiniteError(FloatingPointError):
+  """Raised by a step that finds non-finite values mid-way (e.g. PPO's rewards, before its
+  update). The loop turns it into a `TrainingDivergedError` naming the checkpoint kept."""
 
 
 def check_workdir_writable(workdir: str) -> None:
@@ -154,93 +184,137 @@ def default_peak_flops() -> float:
   return 349e9 / max(jax.device_count(), 1)
 
 
-def run_training(*, state: TrainState, shardings: TrainState, train_step: Callable,
-                 batches: Any, put_batch: Callable[[dict], Any],
-                 count_tokens: Callable[[dict], int], settings: LoopSettings,
-                 checkpointer: Checkpointer | None, writer: MetricsWriter,
-                 evaluate: Callable[[Any], dict] | None = None,
-                 guard_config: Any = None) -> tuple[TrainState, dict]:
-  """Runs (or resumes) training to `settings.total_steps`. Returns (state, summary).
+Step = Callable[[Any, Any], tuple[Any, dict]]
 
-  `batches` is an iterator with `state()` / `restore(dict)` (e.g.
-  `cai_jax.data.batching.BatchIterator`); `put_batch` turns a host batch into
-  global device arrays; `evaluate(params)` returns validation metrics;
-  `guard_config` sets the `DivergenceGuard` bounds on loss and param norm.
+
+def run_training(*, state: Any, shardings: Any, step: Step, batches: Any,
+                 put_batch: Callable[[dict], Any], settings: LoopSettings,
+                 checkpointer: Checkpointer | None, writer: MetricsWriter,
+                 count_tokens: Callable[[dict], int] | None = None,
+                 evaluate: Callable[[Any], dict] | None = None,
+                 guard: DivergenceGuard | None = None,
+                 after_step: Callable[[int, Any, dict], None] | None = None,
+                 step_logs: Sequence[tuple[str, str]] = (),
+                 host_state: Mapping[str, Any] | None = None) -> tuple[Any, dict]:
+  """Runs (or resumes) `step` to `settings.total_steps`. Returns (state, summary).
+
+  `state` is any pytree of arrays (SFT's TrainState; PPO's actor and critic) placed on
+  `shardings`; it holds everything the run needs to continue,
+  RNG key included, and is checkpointed whole. `step(state, device_batch) -> (state,
+  metrics)` is one update (a jitted train step, or a PPO iteration of three compiled
+  programs). `batches` is an iterator with `state()` / `restore(dict)` (e.g.
+  `cai_jax.data.batching.BatchIterator`), checkpointed beside the state; `put_batch`
+  turns its host batch into device arrays; `count_tokens(host_batch)` (optional) gives
+  tokens/s and MFU; `evaluate(state)` returns validation metrics; `guard` bounds the
+  metrics beyond "finite" (its history is checkpointed too); `after_step(step, state,
+  host_metrics)` runs once a step passed the checks, with the newest state (PPO logs
+  samples there);
+  `step_logs` are other (jsonl path, step field) logs of the stage, cut back on resume
+  as metrics.jsonl is. `host_state` maps names to host-side objects the step reads and
+  moves, with `state()` (JSON) / `restore(saved)` like `batches` (PPO's KL
+  controller): each is saved in the checkpoint under its name and restored on resume.
+
+  summary: resumed_from, initial_eval, steps, final_train, final_eval.
   """
   start = 0
   initial_eval: dict = {}
-  guard_state = None
+  guard = guard or DivergenceGuard(None, spike_metrics=())
   if checkpointer is not None and checkpointer.latest_step() is not None:
     state, data_state, start = checkpointer.restore(abstract_state(state, shardings))
     batches.restore(data_state["batches"])
     initial_eval = dict(data_state.get("initial_eval") or {})
-    guard_state = data_state.get("guard")
-    logging.info("resumed from step %d", start)
-    truncate_metrics(writer.path, start)
+    guard.restore(data_state.get("guard"))
+    for name, obj in (host_state or {}).items():
+      obj.restore(data_state[name])
+    logging.info("%s resumed from %s %d", settings.desc, settings.unit, start)
+    kept = start
   else:
-    truncate_metrics(writer.path, -1)   # records of a run killed before its first checkpoint
+    kept = -1       # records of a run killed before its first checkpoint
+  truncate_metrics(writer.path, kept)
+  for path, field in step_logs:
+    truncate_metrics(path, kept, field=field)
   summary: dict = {"resumed_from": start}
   total = settings.total_steps
+  evaluate_now = lambda s: {k: float(v) for k, v in evaluate(s).items()}
   if start >= total:
     # Killed after the last checkpoint (e.g. during export): report what the
     # uninterrupted run reported.
     summary.update(initial_eval=initial_eval, steps=total,
                    final_train=last_logged(writer.path, "train",
                                            drop=("tokens_per_sec", "mfu")),
-                   final_eval=({k: float(v) for k, v in evaluate(state.params).items()}
-                               if evaluate is not None else {}))
+                   final_eval=evaluate_now(state) if evaluate is not None else {})
     return state, summary
   if start == 0 and evaluate is not None and settings.eval_at_start:
     # The step-0 baseline is what "validation loss fell" is measured against; it
     # is kept in every checkpoint so a resumed run still reports it.
-    initial_eval = {k: float(v) for k, v in evaluate(state.params).items()}
+    initial_eval = evaluate_now(state)
     writer.write(0, initial_eval, split="eval")
   summary["initial_eval"] = initial_eval
-  guard = DivergenceGuard(guard_config, spike_metrics=("loss",), state=guard_state)
-  checked: set = set()
+
+  def diverged(step_no, problem):
+    last = checkpointer.latest_step() if checkpointer else None
+    return TrainingDivergedError(
+        f"{settings.desc} {settings.unit} {step_no}: {problem}. Stopped before saving: the "
+        f"last good checkpoint is {f'{settings.unit} {last}' if last is not None else 'none'} "
+        f"(the newest that passed the guard) in {checkpointer.directory if checkpointer else '-'}"
+        f"; nothing newer was written. {settings.advice}")
+
+  checked: dict = {}
 
   def fetch_and_check(step_no, metrics):
     """Each step's metrics go through the checks once (the guard's history is stateful)."""
-    host = jax.device_get(metrics)
     if step_no in checked:
-      return host
-    checked.add(step_no)
-    bad = [k for k in ("loss", "grad_norm", "param_norm")
+      return checked[step_no]
+    host = jax.device_get(metrics)
+    bad = [k for k in settings.finite_metrics
            if k in host and not math.isfinite(float(host[k]))]
-    problem = (f"non-finite {', '.join(bad)} ({', '.join(f'{k}={float(host[k])}' for k in bad)})"
+    problem = (f"non-finite {', '.join(f'{k}={float(host[k])}' for k in bad)}"
                if bad else guard.check(step_no, host))
     if problem:
-      last = checkpointer.latest_step() if checkpointer else None
-      raise TrainingDivergedError(
-          f"step {step_no}: {problem}; stopping before saving anything. Last good checkpoint: "
-          f"{'step ' + str(last) if last is not None else 'none'} (the newest that passed the "
-          f"guard) in {checkpointer.directory if checkpointer else '-'}. Lower the learning rate, "
-          "check the data for empty or corrupt examples, or enable gradient clipping.")
+      raise diverged(step_no, problem)
+    checked.clear()
+    checked[step_no] = host
     return host
 
   def save(step_no, eval_metrics=None):
     if checkpointer is not None:
-      checkpointer.save(step_no, state, {"batches": batches.state(), "step": step_no,
-                                         "initial_eval": initial_eval, "guard": guard.state()},
-                        eval_metrics)
+      data = {"batches": batches.state(), settings.unit: step_no, "initial_eval": initial_eval,
+              "guard": guard.state()}
+      data.update({name: obj.state() for name, obj in (host_state or {}).items()})
+      checkpointer.save(step_no, state, data, eval_metrics)
 
-  pending = None          # (step number, device metrics) of the step not yet checked
-  window_tokens, window_start = 0, time.perf_counter()
+  window = {"tokens": 0, "since": time.perf_counter()}   # throughput since the last log
+
+  def finish(step_no, metrics):
+    """Checks, logs (every log_every) and hands a step's metrics to `after_step`."""
+    host = fetch_and_check(step_no, metrics)
+    if step_no % settings.log_every == 0 or step_no == total:
+      _log(writer, step_no, host, window, settings, bar, count_tokens is not None)
+      window.update(tokens=0, since=time.perf_counter())
+    if after_step is not None:
+      after_step(step_no, state, host)
+    return host
+
+  pending = None          # (step number, device metrics) of the step not yet finished
   last_eval: dict = {}
+  host: dict = {}
   bar = tqdm(total=total, initial=start, desc=settings.desc, dynamic_ncols=True,
              disable=jax.process_index() != 0)
   try:
     for step_no in range(start + 1, total + 1):
       host_batch = next(batches)
-      window_tokens += count_tokens(host_batch)
-      state, metrics = train_step(state, put_batch(host_batch))
+      if count_tokens is not None:
+        window["tokens"] += count_tokens(host_batch)
+      try:
+        state, metrics = step(state, put_batch(host_batch))
+      except NonFiniteError as e:
+        raise diverged(step_no, str(e)) from None
       if pending is not None:
-        prev_no, prev = pending
-        host = fetch_and_check(prev_no, prev)
-        if prev_no % settings.log_every == 0:
-          _log(writer, prev_no, host, window_tokens, window_start, settings, bar)
-          window_tokens, window_start = 0, time.perf_counter()
+        host = finish(*pending)
       pending = (step_no, metrics)
+      if not settings.overlap:
+        host = finish(*pending)
+        pending = None
       bar.update(1)
 
       is_last = step_no == total
@@ -250,15 +324,14 @@ def run_training(*, state: TrainState, shardings: TrainState, train_step: Callab
       if do_eval or do_save:
         fetch_and_check(step_no, metrics)  # never save or evaluate a diverged state
       if do_eval:
-        last_eval = {k: float(v) for k, v in evaluate(state.params).items()}
+        last_eval = evaluate_now(state)
         writer.write(step_no, last_eval, split="eval")
-        bar.set_postfix(val_loss=f"{last_eval.get('val_loss', float('nan')):.4f}")
+        bar.set_postfix({k: f"{last_eval[k]:.4f}" for k in settings.eval_postfix
+                         if k in last_eval})
       if do_save:
         save(step_no, last_eval if do_eval else None)
-    prev_no, prev = pending
-    host = fetch_and_check(prev_no, prev)
-    if prev_no % settings.log_every == 0 or prev_no == total:
-      _log(writer, prev_no, host, window_tokens, window_start, settings, bar)
+    if pending is not None:
+      host = finish(*pending)
     summary.update(final_train={k: float(np.asarray(v)) for k, v in host.items()},
                    final_eval=last_eval, steps=total)
   finally:
@@ -280,8 +353,9 @@ def last_logged(path: str, split: str, drop: tuple[str, ...] = ()) -> dict:
   return {k: v for k, v in records[-1].items() if k not in skip}
 
 
-def truncate_metrics(path: str, last_step: int) -> None:
-  """Drops metrics.jsonl records of steps after `last_step` (lead process only, atomically).
+def truncate_metrics(path: str, last_step: int, *, field: str = "step") -> None:
+  """Drops the records of a jsonl log whose `field` is after `last_step` (lead process
+  only, atomically), and any line a kill cut short.
 
   Those steps were logged by a run that was killed before checkpointing them;
   the resumed run recomputes and logs them again.
@@ -293,25 +367,24 @@ def truncate_metrics(path: str, last_step: int) -> None:
   kept = []
   for line in lines:
     try:
-      if int(json.loads(line)["step"]) > last_step:
+      if int(json.loads(line)[field]) > last_step:
         continue
     except (ValueError, KeyError, TypeError):
       continue  # a line half-written when the process was killed
     kept.append(line if line.endswith("\n") else line + "\n")
-  if len(kept) == len(lines):
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  if len(kept) != len(lines):
+    atomic_write_bytes(path, "".join(kept).encode())
 
 
-def _log(writer, step_no, host, tokens, since, settings, bar):
-  elapsed = max(time.perf_counter() - since, 1e-9)
+def _log(writer, step_no, host, window, settings, bar, with_throughput):
   out = {k: float(np.asarray(v)) for k, v in host.items()}
-  out["tokens_per_sec"] = tokens / elapsed
-  if settings.flops_per_token and settings.peak_flops:
-    out["mfu"] = out["tokens_per_sec"] * settings.flops_per_token / (
-        settings.peak_flops * jax.device_count())
+  if with_throughput:
+    out["tokens_per_sec"] = window["tokens"] / max(time.perf_counter() - window["since"], 1e-9)
+    if settings.flops_per_token and settings.peak_flops:
+      out["mfu"] = out["tokens_per_sec"] * settings.flops_per_token / (
+          settings.peak_flops * jax.device_count())
   writer.write(step_no, out, split="train")
-  bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{out['tokens_per_sec']:.0f}")
+  postfix = {k: f"{out[k]:.4f}" for k in settings.postfix if k in out}
+  if "tokens_per_sec" in out:
+    postfix["tok_s"] = f"{out['tokens_per_sec']:.0f}"
+  bar.set_postfix(postfix)

@@ -19,6 +19,12 @@ Randomness: one key lives in the actor's `TrainState.rng` (so it is saved with
 every checkpoint) and is split each iteration into the next key, the rollout
 key and the minibatch-shuffling key. A resumed run therefore draws exactly
 the samples and minibatches the uninterrupted run would have.
+
+The file reads top to bottom: the data of an iteration (`Rollout`, `Experience`,
+`PPOState`), the forward passes over [prompt | response], the three phases (the
+maths they call, GAE, the clipped losses and the KL estimators, is in `rl.py`), the
+models and first state, the `Iteration` (the training loop's step), and `run_ppo`,
+which runs it on `cai_jax.train.loop.run_training` like SFT and the reward model.
 """
 
 from __future__ import annotations
@@ -28,15 +34,14 @@ import json
 import math
 import os
 import time
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
+from absl import logging
 
 from cai_jax import parallel, preflight, sampling
 from cai_jax.compile_options import gradient_program_options
@@ -47,10 +52,10 @@ from cai_jax.tokenizer import ChatTemplate, Tokenizer, get_template
 from cai_jax.train import common, identity, rl
 from cai_jax.train.checkpointing import Checkpointer
 from cai_jax.train.lm import vocab_logprobs
-from cai_jax.train.loop import (DivergenceGuard, TrainingDivergedError, check_workdir_writable,
-                                last_logged, truncate_metrics)
+from cai_jax.train.loop import (DivergenceGuard, LoopSettings, NonFiniteError,
+                                check_workdir_writable, run_training)
 from cai_jax.train.optim import make_optimizer
-from cai_jax.train.state import TrainState, abstract_state, create_state
+from cai_jax.train.state import TrainState, create_state
 
 # reward_fn(seq [B, S], valid [B, S], positions [B, S], last_col [B]) -> score [B].
 # Traced inside the compiled scoring function, so it must be jittable. Tests
@@ -62,11 +67,6 @@ RewardFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 # divergence guard watches.
 UPDATE_STATS = ("policy_loss", "entropy", "clip_fraction", "approx_kl", "ratio_mean",
                 "value_loss", "value_clip_fraction", "actor_grad_norm", "critic_grad_norm")
-
-
-class NonFiniteError(FloatingPointError):
-  """A NaN/Inf reward or loss; raised before the state it would corrupt is saved (`run_ppo`
-  reports it as a `TrainingDivergedError` naming the checkpoint kept)."""
 
 
 class Rollout(NamedTuple):
@@ -87,6 +87,14 @@ class Experience(NamedTuple):
   returns: jax.Array      # f32 [B, N]
   score: jax.Array        # f32 [B] reward-model score (after the no-stop penalty)
   kl: jax.Array           # f32 [B, N] per-token KL estimate
+
+
+@flax.struct.dataclass
+class PPOState:
+  """The trained half of PPO, carried from iteration to iteration and checkpointed whole by
+  the loop (beta, host-side, is the `Iteration`'s `kl` controller)."""
+  actor: TrainState       # its rng is the run's key, split every iteration
+  critic: TrainState
 
 
 # --- forward passes over [prompt | response] ------------------------------------
@@ -296,6 +304,271 @@ def summarize_update(stats: dict) -> dict:
   return out
 
 
+# --- the models and the state ---------------------------------------------------
+
+class Models(NamedTuple):
+  """The four models on the mesh. The two that train (actor, critic) live in `PPOState`;
+  here are their configs and the two frozen ones."""
+  actor_cfg: MistralConfig
+  critic_cfg: MistralConfig
+  ref_cfg: MistralConfig
+  ref_params: Any
+  ref_shardings: Any
+  reward: Callable          # (params, seq, valid, positions, last_col) -> score [B]
+  reward_params: Any
+  reward_shardings: Any
+
+
+def _with(cfg, **changes):
+  c = cfg.copy_and_resolve_references()
+  with c.unlocked():
+    for k, v in changes.items():
+      c[k] = v
+  return c
+
+
+def load_models(cfg, mesh, *, reward_fn: RewardFn | None = None):
+  """Actor and reference from `cfg.actor_init` (the SFT model), critic from
+  `cfg.critic_init` or the reward model, reward model from `cfg.rm_init` (or `reward_fn`),
+  all created or restored directly on `mesh`; the frozen two in `cfg.frozen_dtype`.
+  Returns (Models, (actor params, shardings), (critic params, shardings))."""
+  if reward_fn is None and not cfg.rm_init:
+    raise ValueError("config.rm_init: a reward model directory is required (the output "
+                     "directory of launch.train_rm, or an HF sequence-classification model)")
+  if not cfg.actor_init:
+    logging.warning("config.actor_init is empty: the actor and reference are RANDOM "
+                    "config.model weights (tests only; pass the SFT model directory)")
+  seed = cfg.seed
+  actor_cfg, actor_params, actor_sh = common.load_or_init(
+      cfg, mesh, head="lm", init_from=cfg.actor_init, seed=seed)
+  frozen = {k: cfg.frozen_dtype for k in ("param_dtype", "dtype") if cfg.frozen_dtype}
+  frozen_cfg = _with(cfg, **frozen)
+  ref_cfg, ref_params, ref_sh = common.load_or_init(
+      frozen_cfg, mesh, head="lm", init_from=cfg.actor_init, seed=seed)
+  critic_cfg, critic_params, critic_sh = common.load_or_init(
+      cfg, mesh, head="scalar", init_from=cfg.critic_init or cfg.rm_init, seed=seed + 1,
+      allow_head_change=True)
+  if reward_fn is None:
+    rm_cfg, reward_params, reward_sh = common.load_or_init(
+        frozen_cfg, mesh, head="scalar", init_from=cfg.rm_init, seed=seed)
+    reward = functools.partial(rm_score, rm_cfg)
+  else:
+    reward_params, reward_sh = {}, {}
+    reward = lambda _, *args: reward_fn(*args)
+  models = Models(actor_cfg, critic_cfg, ref_cfg, ref_params, ref_sh, reward, reward_params,
+                  reward_sh)
+  return models, (actor_params, actor_sh), (critic_params, critic_sh)
+
+
+def init_state(cfg, mesh, actor, critic):
+  """The first `PPOState` (AdamW states, the run's key) and its shardings, from the (params,
+  shardings) pairs of `load_models`. Also returns the two optimizers."""
+  hp = cfg.ppo
+  total_updates = cfg.iterations * hp.ppo_epochs * hp.num_minibatches
+  actor_tx, _ = make_optimizer(cfg.actor_optim, total_updates)
+  critic_tx, _ = make_optimizer(cfg.critic_optim, total_updates)
+  (actor_params, actor_param_sh), (critic_params, critic_param_sh) = actor, critic
+  actor_state, actor_sh = create_state(actor_params, actor_tx, actor_param_sh, mesh, cfg.seed)
+  critic_state, critic_sh = create_state(critic_params, critic_tx, critic_param_sh, mesh,
+                                         cfg.seed + 1)
+  state = PPOState(actor=actor_state, critic=critic_state)
+  shardings = PPOState(actor=actor_sh, critic=critic_sh)
+  return state, shardings, (actor_tx, critic_tx)
+
+
+# --- the iteration ---------------------------------------------------------------
+
+class Iteration:
+  """One PPO iteration, the training loop's step: `(state, prompt batch) -> (state,
+  metrics)`. Rollout, score and update are three compiled programs; between them the host
+  checks the rewards (a NaN reward stops the run before the update) and moves beta
+  (`kl`, an `rl.KLController`, host-side state the loop checkpoints).
+
+  The prompt batch is `put_batch({"ids": [B, P] left-padded, "length": [B]})`. The
+  iteration's experience and per-minibatch statistics stay readable as
+  `last_experience` / `last_update_stats` (sample logging, tests).
+  """
+
+  def __init__(self, cfg, mesh, tokenizer: Tokenizer, models: Models, shardings: PPOState,
+               optimizers):
+    self.cfg, self.mesh, self.tokenizer, self.models = cfg, mesh, tokenizer, models
+    self.hp = hp = cfg.ppo
+    self.P, self.N = cfg.max_prompt_len, hp.max_new_tokens
+    # The end of turn may be several tokens (NeMo's `<extra_id_1>` in Mistral's own
+    # tokenizer): the rollout stops on the sequence, and the reward is read at its last token.
+    template = get_template(cfg.template)
+    self.eot_ids = template.end_of_turn_ids(tokenizer)
+    if not 0 < len(self.eot_ids) <= sampling.MAX_STOP_LENGTH:
+      raise ValueError("; ".join(template.check(tokenizer, sampling.MAX_STOP_LENGTH)) or
+                       f"config.template={cfg.template}: end of turn is {self.eot_ids}")
+    actor_cfg = models.actor_cfg
+    if tokenizer.vocab_size > actor_cfg.vocab_size:
+      raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the actor only "
+                       f"{actor_cfg.vocab_size}")
+    if self.P + self.N > actor_cfg.max_position_embeddings:
+      raise ValueError(f"max_prompt_len={self.P} + ppo.max_new_tokens={self.N} exceeds the "
+                       f"model's max_position_embeddings={actor_cfg.max_position_embeddings}")
+    B = cfg.rollout_batch_size
+    if B % hp.num_minibatches:
+      raise ValueError(f"rollout_batch_size={B} must be a multiple of ppo.num_minibatches="
+                       f"{hp.num_minibatches}")
+    dp = parallel.data_parallel_size(mesh)
+    if B % dp or (B // hp.num_minibatches) % dp:
+      raise ValueError(f"rollout_batch_size={B} and its minibatches of "
+                       f"{B // hp.num_minibatches} must be multiples of the data-parallel "
+                       f"size {dp}")
+    self.kl = rl.KLController(hp.init_kl_coef, adaptive=hp.adaptive_kl, target=hp.target_kl,
+                              horizon=hp.kl_horizon)
+    self.replicated = parallel.replicated(mesh)
+    self._compile(shardings, optimizers)
+    self.train_sp = self._put_tree(self._sampling_params(greedy=False))
+    self.eval_sp = self._put_tree(self._sampling_params(greedy=cfg.get("eval_greedy", True)))
+    # Evaluation reuses one key: every evaluation samples with the same random
+    # numbers, so differences between evaluations are the policy's.
+    self.eval_key = self.put_replicated(
+        np.asarray(jax.random.key_data(jax.random.PRNGKey(cfg.seed + 7919)), np.uint32))
+    self.last_experience: Experience | None = None
+    self.last_update_stats: dict | None = None
+
+  def _compile(self, shardings: PPOState, optimizers):
+    m, mesh, P, N, hp = self.models, self.mesh, self.P, self.N, self.hp
+    rows = lambda nd: parallel.batch_sharding(mesh, nd)
+    replicated = self.replicated
+    actor_sh, critic_sh = shardings.actor, shardings.critic
+    roll_sh = Rollout(rows(2), rows(2), rows(2), rows(2), rows(2), rows(1), rows(1))
+    exp_sh = Experience(roll_sh, rows(2), rows(2), rows(2), rows(2), rows(1), rows(2))
+
+    self.rng_fn = jax.jit(split_rng, in_shardings=replicated, out_shardings=replicated)
+    self.rollout_fn = jax.jit(
+        functools.partial(rollout, m.actor_cfg, max_new_tokens=N, pad_id=self.tokenizer.pad_id),
+        in_shardings=(actor_sh.params, rows(2), rows(1), sampling.sampling_params_shardings(mesh),
+                      replicated),
+        out_shardings=roll_sh)
+    self.score_fn = jax.jit(
+        lambda actor, ref, critic, reward_params, r, beta: score(
+            m.ref_cfg, ref, m.critic_cfg, critic, m.reward, reward_params, r, beta,
+            P=P, hp=hp, actor_cfg=m.actor_cfg, actor_params=actor),
+        in_shardings=(actor_sh.params, m.ref_shardings, critic_sh.params, m.reward_shardings,
+                      roll_sh, replicated),
+        out_shardings=(exp_sh, replicated))
+    self.update_fn = jax.jit(
+        functools.partial(update, m.actor_cfg, m.critic_cfg, *optimizers, P=P, hp=hp),
+        in_shardings=(actor_sh, critic_sh, exp_sh, replicated),
+        out_shardings=(actor_sh, critic_sh, replicated),
+        donate_argnums=(0, 1), compiler_options=gradient_program_options())
+    # Small programs that hand results to the host, replicated so every process
+    # can read them (a batch-sharded array is not addressable on one host).
+    self.eval_fn = jax.jit(
+        lambda actor, ref, reward_params, r: (
+            sequence_scores(m.reward, reward_params, r, P=P, hp=hp)[1], r.lengths, r.stopped,
+            sequence_kl(m.actor_cfg, actor, m.ref_cfg, ref, r, P, hp.temperature)),
+        in_shardings=(actor_sh.params, m.ref_shardings, m.reward_shardings, roll_sh),
+        out_shardings=replicated)
+    self.gather_fn = jax.jit(lambda x: x, out_shardings=replicated)
+
+  def _sampling_params(self, greedy: bool) -> sampling.SamplingParams:
+    B = self.cfg.rollout_batch_size
+    return sampling.make_sampling_params(
+        B, B, greedy=greedy, temperature=self.hp.temperature, max_new_tokens=self.N,
+        stop_sequences=[self.eot_ids], seed=0)
+
+  def put(self, x):
+    """A global batch-sharded array from the same host array on every process."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, parallel.batch_sharding(self.mesh, x.ndim),
+                                        lambda index: x[index])
+
+  def put_replicated(self, x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, self.replicated, lambda index: x[index])
+
+  def _put_tree(self, tree):
+    return jax.tree_util.tree_map(self.put, tree)
+
+  def put_batch(self, batch: dict) -> dict:
+    """Host prompt rows (the same on every process) -> the global batch on the mesh."""
+    return {k: self.put(batch[k]) for k in ("ids", "length")}
+
+  def __call__(self, state: PPOState, batch: dict) -> tuple[PPOState, dict]:
+    """Rollout -> score -> update. Raises `NonFiniteError` before the update if a reward
+    is NaN/Inf (the loop then stops without saving)."""
+    t0 = time.perf_counter()
+    next_rng, roll_key, update_key = self.rng_fn(state.actor.rng)
+    r = self.rollout_fn(state.actor.params, batch["ids"], batch["length"], self.train_sp,
+                        roll_key)
+    jax.block_until_ready(r)
+    t1 = time.perf_counter()
+    kl_coef = self.kl.value
+    exp, exp_metrics = self.score_fn(state.actor.params, self.models.ref_params,
+                                     state.critic.params, self.models.reward_params, r,
+                                     self.put_replicated(np.float32(kl_coef)))
+    exp_metrics = {k: float(v) for k, v in jax.device_get(exp_metrics).items()}
+    t2 = time.perf_counter()
+    bad = [k for k in ("rm_score_mean", "kl_per_sequence", "value_mean")
+           if not math.isfinite(exp_metrics[k])]
+    if bad:
+      raise NonFiniteError(
+          f"non-finite {', '.join(f'{k}={exp_metrics[k]}' for k in bad)} in the rollout's "
+          "rewards; the update was not applied. Check the reward model (or reward_fn) for NaN "
+          "scores")
+    actor, critic, upd = self.update_fn(state.actor.replace(rng=next_rng), state.critic, exp,
+                                        update_key)
+    upd = jax.device_get(upd)
+    t3 = time.perf_counter()
+    self.last_experience, self.last_update_stats = exp, upd
+    metrics = {**exp_metrics, **summarize_update(upd)}
+    metrics.update(rollout_seconds=t1 - t0, score_seconds=t2 - t1, update_seconds=t3 - t2,
+                   rollout_tokens_per_sec=exp_metrics["response_tokens"] / max(t1 - t0, 1e-9),
+                   kl_coef=kl_coef)
+    self.kl.update(metrics["kl_per_sequence"], self.cfg.rollout_batch_size)
+    return PPOState(actor=actor, critic=critic), metrics
+
+  def evaluate(self, state: PPOState, rows: list[dict]) -> dict:
+    """Responses to held-out prompts (greedy, or sampled with a fixed key): the
+    reward alone (no KL term), length, and the exact KL(actor || reference)
+    summed over each response."""
+    if not rows:
+      return {}
+    scores, lengths, stopped, kls = [], [], [], []
+    B = self.cfg.rollout_batch_size
+    for i in range(0, len(rows), B):
+      chunk = rows[i:i + B]
+      n = len(chunk)
+      batch = self.put_batch({k: np.stack([r[k] for r in chunk + [chunk[-1]] * (B - n)])
+                              for k in ("ids", "length")})
+      r = self.rollout_fn(state.actor.params, batch["ids"], batch["length"], self.eval_sp,
+                          self.eval_key)
+      s, lens, stop, kl = jax.device_get(self.eval_fn(
+          state.actor.params, self.models.ref_params, self.models.reward_params, r))
+      scores.extend(s[:n].tolist())
+      lengths.extend(lens[:n].tolist())
+      stopped.extend(stop[:n].tolist())
+      kls.extend(kl[:n].tolist())
+    return {"eval_score_mean": float(np.mean(scores)), "eval_score_std": float(np.std(scores)),
+            "eval_response_length": float(np.mean(lengths)),
+            "eval_stopped_fraction": float(np.mean(stopped)),
+            "eval_kl_per_sequence": float(np.mean(kls))}
+
+  def decode_samples(self, exp: Experience, k: int) -> list[dict]:
+    k = min(k, exp.rollout.seq.shape[0])
+    r, score_ = jax.device_get(self.gather_fn((exp.rollout, exp.score)))
+    out = []
+    for i in range(k):
+      prompt = [t for t, v in zip(r.seq[i, :self.P], r.valid[i, :self.P]) if v]
+      resp = r.seq[i, self.P:self.P + int(r.lengths[i])].tolist()
+      out.append({"prompt": self.tokenizer.decode(prompt), "response": self.tokenizer.decode(resp),
+                  "score": float(score_[i]), "stopped": bool(r.stopped[i])})
+    return out
+
+
+def build(cfg, mesh, tokenizer: Tokenizer, *, reward_fn: RewardFn | None = None):
+  """Models, first state and compiled iteration for `cfg`. Returns (Iteration, PPOState,
+  its shardings)."""
+  models, actor, critic = load_models(cfg, mesh, reward_fn=reward_fn)
+  state, shardings, optimizers = init_state(cfg, mesh, actor, critic)
+  return Iteration(cfg, mesh, tokenizer, models, shardings, optimizers), state, shardings
+
+
 # --- the stage ------------------------------------------------------------------
 
 def load_prompt_rows(path: str, tokenizer: Tokenizer, template: ChatTemplate, max_prompt_len: int,
@@ -327,247 +600,6 @@ def load_prompt_rows(path: str, tokenizer: Tokenizer, template: ChatTemplate, ma
   return rows, stats
 
 
-class PPOTrainer:
-  """Holds the four models, the compiled phases and the PPO state on one mesh."""
-
-  def __init__(self, cfg, *, mesh, tokenizer: Tokenizer, reward_fn: RewardFn | None = None):
-    self.cfg = cfg
-    self.mesh = mesh
-    self.tokenizer = tokenizer
-    hp = cfg.ppo
-    self.hp = hp
-    if hp.top_k or hp.top_p < 1.0:
-      raise ValueError("ppo.top_k / ppo.top_p must be off: the policy ratio needs the full "
-                       "distribution the sample came from")
-    if hp.kl_estimator not in ("k1", "abs", "k3"):
-      raise ValueError(f"ppo.kl_estimator must be k1, abs or k3, got {hp.kl_estimator!r}")
-    if reward_fn is None and not cfg.rm_init:
-      raise ValueError("config.rm_init: a reward model directory is required (the output "
-                       "directory of launch.train_rm, or an HF sequence-classification model)")
-    self.P = cfg.max_prompt_len
-    self.N = hp.max_new_tokens
-    self.pad_id = tokenizer.pad_id
-    # The end of turn may be several tokens (NeMo's `<extra_id_1>` in Mistral's own
-    # tokenizer): the rollout stops on the sequence, and the reward is read at its last token.
-    template = get_template(cfg.template)
-    self.eot_ids = template.end_of_turn_ids(tokenizer)
-    if not 0 < len(self.eot_ids) <= sampling.MAX_STOP_LENGTH:
-      raise ValueError("; ".join(template.check(tokenizer, sampling.MAX_STOP_LENGTH)) or
-                       f"config.template={cfg.template}: end of turn is {self.eot_ids}")
-
-    seed = cfg.seed
-    if not cfg.actor_init:
-      logging.warning("config.actor_init is empty: the actor and reference are RANDOM "
-                      "config.model weights (tests only; pass the SFT model directory)")
-    self.actor_cfg, actor_params, actor_sh = common.load_or_init(
-        cfg, mesh, head="lm", init_from=cfg.actor_init, seed=seed)
-    frozen = dict(param_dtype=cfg.frozen_dtype or None, dtype=cfg.frozen_dtype or None)
-    frozen_cfg = _with(cfg, **{k: v for k, v in frozen.items() if v})
-    self.ref_cfg, self.ref_params, self.ref_sh = common.load_or_init(
-        frozen_cfg, mesh, head="lm", init_from=cfg.actor_init, seed=seed)
-    self.critic_cfg, critic_params, critic_sh = common.load_or_init(
-        cfg, mesh, head="scalar", init_from=cfg.critic_init or cfg.rm_init, seed=seed + 1,
-        allow_head_change=True)
-    if reward_fn is None:
-      self.rm_cfg, self.reward_params, self.reward_sh = common.load_or_init(
-          frozen_cfg, mesh, head="scalar", init_from=cfg.rm_init, seed=seed)
-      self.reward = functools.partial(rm_score, self.rm_cfg)
-    else:
-      self.reward_params, self.reward_sh = {}, {}
-      self.reward = lambda _, *args: reward_fn(*args)
-    if tokenizer.vocab_size > self.actor_cfg.vocab_size:
-      raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the actor only "
-                       f"{self.actor_cfg.vocab_size}")
-    if self.P + self.N > self.actor_cfg.max_position_embeddings:
-      raise ValueError(f"max_prompt_len={self.P} + ppo.max_new_tokens={self.N} exceeds the "
-                       f"model's max_position_embeddings={self.actor_cfg.max_position_embeddings}")
-
-    B = cfg.rollout_batch_size
-    if B % hp.num_minibatches:
-      raise ValueError(f"rollout_batch_size={B} must be a multiple of ppo.num_minibatches="
-                       f"{hp.num_minibatches}")
-    dp = parallel.data_parallel_size(mesh)
-    if B % dp or (B // hp.num_minibatches) % dp:
-      raise ValueError(f"rollout_batch_size={B} and its minibatches of "
-                       f"{B // hp.num_minibatches} must be multiples of the data-parallel "
-                       f"size {dp}")
-    total_updates = cfg.iterations * hp.ppo_epochs * hp.num_minibatches
-    self.actor_tx, _ = make_optimizer(cfg.actor_optim, total_updates)
-    self.critic_tx, _ = make_optimizer(cfg.critic_optim, total_updates)
-    self.actor, self.actor_shardings = create_state(actor_params, self.actor_tx, actor_sh, mesh,
-                                                    seed)
-    self.critic, self.critic_shardings = create_state(critic_params, self.critic_tx, critic_sh,
-                                                      mesh, seed + 1)
-    self._compile()
-    self.train_sp = self._put_tree(self._sampling_params(greedy=False))
-    self.eval_sp = self._put_tree(self._sampling_params(greedy=cfg.get("eval_greedy", True)))
-    # Evaluation reuses one key: every evaluation samples with the same random
-    # numbers, so differences between evaluations are the policy's.
-    self.eval_key = self.put_replicated(
-        np.asarray(jax.random.key_data(jax.random.PRNGKey(seed + 7919)), np.uint32))
-    self.last_update_stats: dict | None = None
-
-  def _compile(self):
-    mesh, P, N, hp = self.mesh, self.P, self.N, self.hp
-    rows = lambda nd: parallel.batch_sharding(mesh, nd)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    sp_sh = sampling.sampling_params_shardings(mesh)
-    roll_sh = Rollout(rows(2), rows(2), rows(2), rows(2), rows(2), rows(1), rows(1))
-    exp_sh = Experience(roll_sh, rows(2), rows(2), rows(2), rows(2), rows(1), rows(2))
-    self.replicated = replicated
-
-    self.rng_fn = jax.jit(split_rng, in_shardings=replicated, out_shardings=replicated)
-    self.rollout_fn = jax.jit(
-        functools.partial(rollout, self.actor_cfg, max_new_tokens=N, pad_id=self.pad_id),
-        in_shardings=(self.actor_shardings.params, rows(2), rows(1), sp_sh, replicated),
-        out_shardings=roll_sh)
-    self.score_fn = jax.jit(
-        lambda actor, ref, critic, reward_params, r, beta: score(
-            self.ref_cfg, ref, self.critic_cfg, critic, self.reward, reward_params, r, beta,
-            P=P, hp=hp, actor_cfg=self.actor_cfg, actor_params=actor),
-        in_shardings=(self.actor_shardings.params, self.ref_sh, self.critic_shardings.params,
-                      self.reward_sh, roll_sh, replicated),
-        out_shardings=(exp_sh, replicated))
-    self.update_fn = jax.jit(
-        functools.partial(update, self.actor_cfg, self.critic_cfg, self.actor_tx, self.critic_tx,
-                          P=P, hp=hp),
-        in_shardings=(self.actor_shardings, self.critic_shardings, exp_sh, replicated),
-        out_shardings=(self.actor_shardings, self.critic_shardings, replicated),
-        donate_argnums=(0, 1), compiler_options=gradient_program_options())
-    # Small programs that hand results to the host, replicated so every process
-    # can read them (a batch-sharded array is not addressable on one host).
-    self.eval_fn = jax.jit(
-        lambda actor, ref, reward_params, r: (
-            sequence_scores(self.reward, reward_params, r, P=P, hp=hp)[1], r.lengths, r.stopped,
-            sequence_kl(self.actor_cfg, actor, self.ref_cfg, ref, r, P, hp.temperature)),
-        in_shardings=(self.actor_shardings.params, self.ref_sh, self.reward_sh, roll_sh),
-        out_shardings=replicated)
-    self.gather_fn = jax.jit(lambda x: x, out_shardings=replicated)
-
-  def _sampling_params(self, greedy: bool) -> sampling.SamplingParams:
-    B = self.cfg.rollout_batch_size
-    return sampling.make_sampling_params(
-        B, B, greedy=greedy, temperature=self.hp.temperature, max_new_tokens=self.N,
-        stop_sequences=[self.eot_ids], seed=0)
-
-  def put(self, x):
-    """A global batch-sharded array from the same host array on every process."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, parallel.batch_sharding(self.mesh, x.ndim),
-                                        lambda index: x[index])
-
-  def put_replicated(self, x):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, self.replicated, lambda index: x[index])
-
-  def _put_tree(self, tree):
-    return jax.tree_util.tree_map(self.put, tree)
-
-  def iteration(self, prompt_batch: dict, kl_coef: float, iteration: int = 0):
-    """One PPO iteration; returns (metrics dict, experience).
-
-    Raises `NonFiniteError` (naming `iteration`) before the update if a
-    reward is NaN/Inf, and after it if a loss is; the trainer's state is then
-    not to be saved.
-    """
-    t0 = time.perf_counter()
-    next_rng, roll_key, update_key = self.rng_fn(self.actor.rng)
-    r = self.rollout_fn(self.actor.params, self.put(prompt_batch["ids"]),
-                        self.put(prompt_batch["length"]), self.train_sp, roll_key)
-    jax.block_until_ready(r)
-    t1 = time.perf_counter()
-    exp, exp_metrics = self.score_fn(self.actor.params, self.ref_params, self.critic.params,
-                                     self.reward_params, r,
-                                     self.put_replicated(np.float32(kl_coef)))
-    exp_metrics = {k: float(v) for k, v in jax.device_get(exp_metrics).items()}
-    t2 = time.perf_counter()
-    bad = [k for k in ("rm_score_mean", "kl_per_sequence", "value_mean")
-           if not math.isfinite(exp_metrics[k])]
-    if bad:
-      raise NonFiniteError(
-          f"iteration {iteration}: non-finite {', '.join(f'{k}={exp_metrics[k]}' for k in bad)} "
-          "in the rollout's rewards; the update was not applied. Check the reward model "
-          "(or reward_fn) for NaN scores.")
-    self.actor = self.actor.replace(rng=next_rng)
-    self.actor, self.critic, upd = self.update_fn(self.actor, self.critic, exp, update_key)
-    upd = jax.device_get(upd)
-    t3 = time.perf_counter()
-    self.last_update_stats = upd
-    upd_metrics = summarize_update(upd)
-    bad = [k for k in ("policy_loss", "value_loss") if not math.isfinite(upd_metrics[k])]
-    if bad:
-      raise NonFiniteError(
-          f"iteration {iteration}: non-finite {', '.join(f'{k}={upd_metrics[k]}' for k in bad)} "
-          "in the update. Lower the learning rates or check the reward scale.")
-    metrics = {**exp_metrics, **upd_metrics}
-    metrics.update(rollout_seconds=t1 - t0, score_seconds=t2 - t1, update_seconds=t3 - t2,
-                   rollout_tokens_per_sec=exp_metrics["response_tokens"] / max(t1 - t0, 1e-9),
-                   kl_coef=float(kl_coef))
-    return metrics, exp
-
-  def evaluate(self, rows: list[dict]) -> dict:
-    """Responses to held-out prompts (greedy, or sampled with a fixed key): the
-    reward alone (no KL term), length, and the exact KL(actor || reference)
-    summed over each response."""
-    if not rows:
-      return {}
-    scores, lengths, stopped, kls = [], [], [], []
-    B = self.cfg.rollout_batch_size
-    for i in range(0, len(rows), B):
-      chunk = rows[i:i + B]
-      n = len(chunk)
-      chunk = chunk + [chunk[-1]] * (B - n)
-      batch = {k: np.stack([r[k] for r in chunk]) for k in ("ids", "length")}
-      r = self.rollout_fn(self.actor.params, self.put(batch["ids"]), self.put(batch["length"]),
-                          self.eval_sp, self.eval_key)
-      s, lens, stop, kl = jax.device_get(
-          self.eval_fn(self.actor.params, self.ref_params, self.reward_params, r))
-      scores.extend(s[:n].tolist())
-      lengths.extend(lens[:n].tolist())
-      stopped.extend(stop[:n].tolist())
-      kls.extend(kl[:n].tolist())
-    return {"eval_score_mean": float(np.mean(scores)), "eval_score_std": float(np.std(scores)),
-            "eval_response_length": float(np.mean(lengths)),
-            "eval_stopped_fraction": float(np.mean(stopped)),
-            "eval_kl_per_sequence": float(np.mean(kls))}
-
-  def decode_samples(self, exp: Experience, k: int) -> list[dict]:
-    k = min(k, exp.rollout.seq.shape[0])
-    r, score_ = jax.device_get(self.gather_fn((exp.rollout, exp.score)))
-    out = []
-    for i in range(k):
-      prompt = [t for t, v in zip(r.seq[i, :self.P], r.valid[i, :self.P]) if v]
-      resp = r.seq[i, self.P:self.P + int(r.lengths[i])].tolist()
-      out.append({"prompt": self.tokenizer.decode(prompt), "response": self.tokenizer.decode(resp),
-                  "score": float(score_[i]), "stopped": bool(r.stopped[i])})
-    return out
-
-
-def _with(cfg, **changes):
-  c = cfg.copy_and_resolve_references()
-  with c.unlocked():
-    for k, v in changes.items():
-      c[k] = v
-  return c
-
-
-def _truncate_samples(path: str, last_iteration: int) -> None:
-  """Drops samples.jsonl records after `last_iteration` (see `truncate_metrics`)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as fh:
-    lines = fh.readlines()
-  kept = []
-  for line in lines:
-    try:
-      if int(json.loads(line)["iteration"]) <= last_iteration:
-        kept.append(line if line.endswith("\n") else line + "\n")
-    except (ValueError, KeyError, TypeError):
-      pass  # a line half-written when the process was killed
-  if len(kept) != len(lines):
-    jsonl.atomic_write_jsonl(path, [json.loads(line) for line in kept])
-
-
 def sample_table(samples: list[dict]) -> str:
   """Markdown table (TensorBoard renders it) of prompts, responses and scores."""
   cell = lambda s: s.replace("|", "\\|").replace("\n", "\\n")
@@ -589,7 +621,8 @@ def stage_inputs(cfg) -> dict:
 
 
 def run_ppo(cfg, workdir: str, *, reward_fn: RewardFn | None = None, force: bool = False) -> dict:
-  """Runs (or resumes) PPO described by `configs/ppo.py`. Returns the report dict.
+  """Runs (or resumes) PPO described by `configs/ppo.py` on the shared training loop.
+  Returns the report dict.
 
   `reward_fn` (jittable, see `RewardFn`) replaces the reward model; without
   it `config.rm_init` is required. A workdir holding a run of another config
@@ -622,102 +655,55 @@ def run_ppo(cfg, workdir: str, *, reward_fn: RewardFn | None = None, force: bool
     val_rows, val_stats = load_prompt_rows(cfg.val_prompts, tokenizer, template,
                                            cfg.max_prompt_len, tokenizer.pad_id)
     val_rows = val_rows[:cfg.max_eval_prompts]
-  trainer = PPOTrainer(cfg, mesh=mesh, tokenizer=tokenizer, reward_fn=reward_fn)
+  iteration, state, shardings = build(cfg, mesh, tokenizer, reward_fn=reward_fn)
   # Every process holds the whole prompt set and builds the same global batch
-  # (PPOTrainer.put keeps each device's rows). Whole batches only: a filler row
+  # (`Iteration.put` keeps each device's rows). Whole batches only: a filler row
   # would be sampled from and trained on like a real prompt.
   batches = batching.BatchIterator(train_rows, cfg.rollout_batch_size, seed=cfg.seed,
                                    shuffle=True, drop_remainder=True)
+  guard = DivergenceGuard(cfg.get("guard", None), spike_metrics=("value_loss",),
+                          vocab_size=iteration.models.actor_cfg.vocab_size)
+  # Param norms are guarded against the models PPO starts from (a resumed run restores them).
+  guard.set_base_norm("actor_param_norm", float(optax.global_norm(state.actor.params)))
+  guard.set_base_norm("critic_param_norm", float(optax.global_norm(state.critic.params)))
+  samples_path = os.path.join(workdir, "samples.jsonl")
+
+  def log_samples(it, _state, _metrics):
+    if not (cfg.sample_every and it % cfg.sample_every == 0):
+      return
+    samples = iteration.decode_samples(iteration.last_experience, cfg.num_samples_logged)
+    writer.write_text(it, "samples", sample_table(samples))
+    if lead:
+      with open(samples_path, "a") as fh:
+        fh.writelines(json.dumps({"iteration": it, **s}) + "\n" for s in samples)
+
+  settings = LoopSettings(
+      total_steps=cfg.iterations, log_every=1, eval_every=cfg.eval_every,
+      save_every=cfg.save_every, desc="PPO", unit="iteration",
+      finite_metrics=("policy_loss", "value_loss"),
+      postfix=("score_mean", "kl_per_sequence"), eval_postfix=("eval_score_mean",),
+      overlap=False, advice="Lower the learning rates or check the reward scale.")
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
                       best_metric=None)
   writer = MetricsWriter(workdir)
-  kl_coef = float(cfg.ppo.init_kl_coef)
-  start = 0
-  first_eval = None
-  guard_state = None
-  shardings = {"actor": trainer.actor_shardings, "critic": trainer.critic_shardings}
-  if ckpt.latest_step() is not None:
-    state = {"actor": trainer.actor, "critic": trainer.critic}
-    restored, data, start = ckpt.restore(abstract_state(state, shardings))
-    trainer.actor, trainer.critic = restored["actor"], restored["critic"]
-    batches.restore(data["batches"])
-    kl_coef = float(data["kl_coef"])
-    first_eval = data.get("first_eval")
-    guard_state = data.get("guard")
-    logging.info("PPO resumed from iteration %d (kl_coef %.4g)", start, kl_coef)
-  # A killed run may have logged iterations after its last checkpoint (or, killed
-  # before its first, any): they are about to be recomputed, so metrics.jsonl and
-  # samples.jsonl keep only the trajectory up to here.
-  kept = start if ckpt.latest_step() is not None else -1
-  truncate_metrics(writer.path, kept)
-  if lead:
-    _truncate_samples(os.path.join(workdir, "samples.jsonl"), kept)
-  guard = DivergenceGuard(cfg.get("guard", None), spike_metrics=("value_loss",),
-                          vocab_size=trainer.actor_cfg.vocab_size, state=guard_state)
-  # Param norms are guarded against the models PPO started from.
-  guard.set_base_norm("actor_param_norm", float(optax.global_norm(trainer.actor.params)))
-  guard.set_base_norm("critic_param_norm", float(optax.global_norm(trainer.critic.params)))
-
-  history = []
-  if val_rows and start == 0:
-    first_eval = trainer.evaluate(val_rows)
-    writer.write(0, first_eval, split="eval")
-  last_eval = first_eval or {}
-  if start >= cfg.iterations:
-    # Killed after the last checkpoint (e.g. during export): report what the
-    # uninterrupted run reported.
-    history.append(last_logged(writer.path, "train"))
-    if val_rows:
-      last_eval = trainer.evaluate(val_rows)
-  bar = tqdm(total=cfg.iterations, initial=start, desc="ppo", dynamic_ncols=True,
-             disable=not lead)
   try:
-    for it in range(start + 1, cfg.iterations + 1):
-      prompt_batch = next(batches)
-      try:
-        metrics, exp = trainer.iteration(prompt_batch, kl_coef, iteration=it)
-        problem = guard.check(it, metrics)
-        problem = f"iteration {it}: {problem}" if problem else None
-      except NonFiniteError as e:
-        problem = str(e)
-      if problem:
-        last = ckpt.latest_step()
-        raise TrainingDivergedError(
-            f"PPO {problem}. Stopped before saving: the last good checkpoint is "
-            f"{'iteration ' + str(last) if last is not None else 'none'} (the newest that "
-            f"passed the guard) in {ckpt.directory}; nothing newer was written. Lower the "
-            "learning rates or check the reward scale.")
-      if cfg.ppo.adaptive_kl:
-        kl_coef = rl.adaptive_kl_coef(kl_coef, metrics["kl_per_sequence"], cfg.ppo.target_kl,
-                                      cfg.ppo.kl_horizon, cfg.rollout_batch_size)
-      writer.write(it, metrics)
-      history.append(metrics)
-      if cfg.sample_every and it % cfg.sample_every == 0:
-        samples = trainer.decode_samples(exp, cfg.num_samples_logged)
-        writer.write_text(it, "samples", sample_table(samples))
-        if lead:
-          with open(os.path.join(workdir, "samples.jsonl"), "a") as fh:
-            fh.writelines(json.dumps({"iteration": it, **s}) + "\n" for s in samples)
-      if val_rows and (it == cfg.iterations or (cfg.eval_every and it % cfg.eval_every == 0)):
-        last_eval = trainer.evaluate(val_rows)
-        writer.write(it, last_eval, split="eval")
-      if it == cfg.iterations or (cfg.save_every and it % cfg.save_every == 0):
-        ckpt.save(it, {"actor": trainer.actor, "critic": trainer.critic},
-                  {"batches": batches.state(), "kl_coef": kl_coef, "iteration": it,
-                   "first_eval": first_eval, "guard": guard.state()})
-      bar.update(1)
-      bar.set_postfix(score=f"{metrics['score_mean']:.3f}", kl=f"{metrics['kl_per_sequence']:.3f}")
+    state, summary = run_training(
+        state=state, shardings=shardings, step=iteration, batches=batches,
+        put_batch=iteration.put_batch, settings=settings, checkpointer=ckpt, writer=writer,
+        evaluate=(lambda s: iteration.evaluate(s, val_rows)) if val_rows else None,
+        guard=guard, after_step=log_samples, step_logs=[(samples_path, "iteration")],
+        host_state={"kl_coef": iteration.kl})
   finally:
-    bar.close()
     ckpt.close()
     writer.close()
 
-  paths = common.export_model(workdir, trainer.actor_cfg, trainer.actor.params, head="lm",
-                              hf=cfg.export_hf, tokenizer_path=cfg.tokenizer)
-  report = {"stage": "ppo", "iterations": cfg.iterations, "resumed_from": start,
+  paths = common.export_model(workdir, iteration.models.actor_cfg, state.actor.params,
+                              head="lm", hf=cfg.export_hf, tokenizer_path=cfg.tokenizer)
+  report = {"stage": "ppo", "iterations": cfg.iterations, "resumed_from": summary["resumed_from"],
             "data": {**train_stats, **{f"val_{k}": v for k, v in val_stats.items()}},
-            "first_eval": first_eval, "final_eval": last_eval,
-            "final_train": history[-1] if history else {}, "kl_coef": kl_coef, "outputs": paths}
+            "first_eval": summary["initial_eval"] or None, "final_eval": summary["final_eval"],
+            "final_train": summary["final_train"], "kl_coef": iteration.kl.value,
+            "outputs": paths}
   if lead:
     jsonl.atomic_write_json(os.path.join(workdir, "report.json"), report)
     jsonl.write_manifest(workdir, stage="ppo", config=cfg, inputs=stage_inputs(cfg),

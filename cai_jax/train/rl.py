@@ -123,3 +123,26 @@ def adaptive_kl_coef(beta: float, observed_kl: float, target: float, horizon: in
   """Ziegler et al.'s proportional controller: beta *= 1 + clip(kl/target - 1, +-0.2) n/horizon."""
   error = min(max(observed_kl / target - 1.0, -0.2), 0.2)
   return beta * (1.0 + error * n_steps / horizon)
+
+
+class KLController:
+  """beta of the KL penalty between iterations: fixed, or moved by `adaptive_kl_coef`.
+
+  Host-side state of a PPO run: the training loop checkpoints it (`state()` /
+  `restore()`), so a resumed run continues with the beta the killed run had reached.
+  """
+
+  def __init__(self, init: float, *, adaptive: bool = False, target: float = 6.0,
+               horizon: int = 10000):
+    self.value = float(init)
+    self.adaptive, self.target, self.horizon = adaptive, target, horizon
+
+  def update(self, observed_kl: float, n_steps: int) -> None:
+    if self.adaptive:
+      self.value = adaptive_kl_coef(self.value, observed_kl, self.target, self.horizon, n_steps)
+
+  def state(self) -> float:
+    return self.value
+
+  def restore(self, saved: float) -> None:
+    self.value = float(saved)

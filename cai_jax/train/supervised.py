@@ -21,8 +21,8 @@ from cai_jax.model import MistralConfig
 from cai_jax.tokenizer import Tokenizer
 from cai_jax.train import common, identity
 from cai_jax.train.checkpointing import Checkpointer
-from cai_jax.train.loop import (LoopSettings, check_workdir_writable, default_peak_flops,
-                                run_training)
+from cai_jax.train.loop import (DivergenceGuard, LoopSettings, check_workdir_writable,
+                                default_peak_flops, run_training)
 from cai_jax.train.optim import make_optimizer
 from cai_jax.train.state import create_state, make_eval_step, make_train_step
 
@@ -121,10 +121,11 @@ def fit_supervised(cfg, workdir: str, *, mesh, tokenizer: Tokenizer, head: str,
                len(train_rows), len(eval_rows), total_steps, accum, dict(mesh.shape))
   try:
     state, summary = run_training(
-        state=state, shardings=shardings, train_step=train_step, batches=batches,
+        state=state, shardings=shardings, step=train_step, batches=batches,
         put_batch=put_batch, count_tokens=count_tokens, settings=settings,
-        checkpointer=checkpointer, writer=writer, evaluate=evaluate,
-        guard_config=cfg.get("guard", None))
+        checkpointer=checkpointer, writer=writer,
+        evaluate=(lambda s: evaluate(s.params)) if evaluate else None,
+        guard=DivergenceGuard(cfg.get("guard", None), spike_metrics=("loss",)))
   finally:
     checkpointer.close()
     writer.close()

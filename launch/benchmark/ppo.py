@@ -1,10 +1,10 @@
-"""The ppo mode: seconds per PPO iteration by phase, cai_jax's `PPOTrainer` vs TRL's."""
+"""The ppo mode: seconds per PPO iteration by phase, cai_jax's `ppo.Iteration` vs TRL's
+`PPOTrainer`."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import sys
 import tempfile
 import time
@@ -24,7 +24,7 @@ PPO_HP = dict(temperature=1.0, kl_coef=0.05, kl_estimator="k1", vf_coef=0.1, cli
 
 
 class _IdTokenizer:
-  """Just enough of `cai_jax.tokenizer.Tokenizer` for `PPOTrainer` on raw token ids."""
+  """Just enough of `cai_jax.tokenizer.Tokenizer` for a PPO iteration on raw token ids."""
 
   def __init__(self, vocab_size: int, pad_id: int, eot_id: int):
     self.vocab_size = vocab_size
@@ -35,7 +35,7 @@ class _IdTokenizer:
 
 def _ours_ppo(setup: Setup, shapes: Shapes, iterations: int) -> list[dict]:
   from cai_jax import parallel
-  from cai_jax.train.ppo import PPOTrainer
+  from cai_jax.train import ppo
   from configs.ppo import get_config
   B, P, N = shapes.ppo_batch, shapes.ppo_prompt, shapes.ppo_new
   _, rm_dir = setup.reward_model_dirs()
@@ -57,30 +57,27 @@ def _ours_ppo(setup: Setup, shapes: Shapes, iterations: int) -> list[dict]:
     cfg.dtype, cfg.param_dtype, cfg.frozen_dtype = "bfloat16", "float32", "bfloat16"
   mesh = parallel.mesh_from_config(parallel.ONE_DEVICE)
   V = setup.config.vocab_size
-  log("ppo: building cai_jax PPOTrainer (actor, reference, critic, reward model)")
+  log("ppo: building cai_jax's PPO iteration (actor, reference, critic, reward model)")
   # The end-of-turn id is one past the vocabulary, so no row can stop: every
   # response is exactly N tokens, as TRL's with no stop token (checked below).
-  trainer = PPOTrainer(cfg, mesh=mesh, tokenizer=_IdTokenizer(V, 0, V))
-  params = inspect.signature(trainer.iteration).parameters
+  step, state, _ = ppo.build(cfg, mesh, _IdTokenizer(V, 0, V))
   out = []
   for it in range(iterations):
-    batch = {"ids": random_tokens(100 + it, (B, P), V), "length": np.full((B,), P, np.int32)}
+    batch = step.put_batch({"ids": random_tokens(100 + it, (B, P), V),
+                            "length": np.full((B,), P, np.int32)})
     log(f"ppo: cai_jax iteration {it + 1}/{iterations}" + (" (compile)" if it == 0 else ""))
-    # The iteration's counter argument has been called `seed` and `iteration`.
-    counter = {k: it + 1 for k in ("iteration", "seed") if k in params}
     if it == iterations - 1 and it > 0 and setup.profile_dir:  # the last, compiled iteration
       result = []
-      setup.profile("ppo_iteration", lambda: result.append(
-          trainer.iteration(batch, PPO_HP["kl_coef"], **counter)))
-      metrics, exp = result[0]
+      setup.profile("ppo_iteration", lambda: result.append(step(state, batch)))
+      state, metrics = result[0]
     else:
-      metrics, exp = trainer.iteration(batch, PPO_HP["kl_coef"], **counter)
-    lengths = np.asarray(jax.device_get(exp.rollout.lengths))
+      state, metrics = step(state, batch)
+    lengths = np.asarray(jax.device_get(step.last_experience.rollout.lengths))
     if np.any(lengths != N):
       raise RuntimeError(f"cai_jax PPO rollout lengths {lengths.tolist()}, expected all {N}")
     out.append({"rollout": metrics["rollout_seconds"], "score": metrics["score_seconds"],
                 "update": metrics["update_seconds"]})
-  del trainer
+  del step, state
   return out
 
 
