@@ -25,13 +25,11 @@ Not thread-safe: one thread should own a generator (the server's
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import re
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cai_jax import sampling
@@ -395,7 +393,7 @@ class TextGenerator:
     """log p(token | prompt) of each of `token_ids` after each prompt: f32 [n_prompts, n_ids].
 
     Under the raw model (temperature 1, nothing filtered), from the sampler's own prompt
-    pass (`sampling._prefill`, which sends only the last position through the vocabulary
+    pass (`sampling.next_token_logprobs_program`, which sends only the last position through the vocabulary
     projection) and no decode step. Prompts go `batch_size` at a time, each batch padded
     to at least `batch_size` rows and to a power-of-two length as `complete` pads them,
     on the generator's mesh, so a run compiles one program per length bucket. (A judge
@@ -414,7 +412,7 @@ class TextGenerator:
       return np.zeros((0, len(ids)), np.float32)
     prompt_ids = self.encode_prompts(prompts, add_bos, what=what)
     self.check_lengths(prompt_ids, 0, what=what)
-    fn = _compiled_next_token_logprobs(self.config, ids, self.tokenizer.pad_id, self.mesh)
+    fn = sampling.next_token_logprobs_program(self.config, ids, self.tokenizer.pad_id, self.mesh)
     dp = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     out = []
     for start in range(0, len(prompt_ids), batch_size):
@@ -464,20 +462,3 @@ class TextGenerator:
     ends = [[eot] + [s for s in row if s != eot] for row in extra]
     completions = self.complete(prompts, end_strings=ends, **settings)
     return [self.chat_reply(c) for c in completions]
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled_next_token_logprobs(config: MistralConfig, token_ids: tuple[int, ...], pad_id: int,
-                                  mesh):
-  """A jitted `(params, prompt_ids, prompt_lengths, sp) -> f32 [B, len(token_ids)]`: the
-  sampler's prefill, its next-token logits normalised, the asked-for columns kept (the KV
-  cache and decode state it also builds are not outputs, so XLA drops them)."""
-  def fn(params, prompt_ids, prompt_lengths, sp):
-    state, _ = sampling._prefill(config, params, prompt_ids, prompt_lengths, sp,
-                                 max_new_tokens=0, pad_id=pad_id, num_top_logprobs=0,
-                                 return_prompt_logprobs=False)
-    logits = state["logits"].astype(jnp.float32)                        # [B, V]
-    picked = logits[:, jnp.asarray(token_ids, jnp.int32)]
-    return picked - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-
-  return sampling._jit_prompt_program(fn, config, mesh)
