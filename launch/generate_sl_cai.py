@@ -40,8 +40,7 @@ def _print_summary(summary: dict) -> None:
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  if cfg.backend.kind == "local":
-    runtime.setup()
+  runtime.setup(_WORKDIR.value, uses_jax=cfg.backend.kind == "local")
   runtime.preflight("sl_cai", _CONFIG.value)
   from cai_jax.cai.sl_cai import run_sl_cai
   from cai_jax.serve.client import RemoteError

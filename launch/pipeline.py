@@ -77,10 +77,13 @@ class Pipeline:
     stage_lib.prepare(stage_dir, decision)
     print(f"[pipeline] {name}: running -> {stage_dir}", flush=True)
     start = time.time()
-    result = fn(stage_cfg, stage_dir)
+    with runtime.stage_log(os.path.join(stage_dir, runtime.log_name())):
+      result = fn(stage_cfg, stage_dir)
     self.results[name] = stage_lib.write_result(stage_dir, result, time.time() - start)
     self.upstream_ran = True
-    print(f"[pipeline] {name}: done in {self.results[name]['seconds']:.0f}s", flush=True)
+    metrics = runtime.headline(result, outputs=False, stage=False)
+    print(f"[pipeline] {name}: done in {self.results[name]['seconds']:.0f}s"
+          + (f": {metrics}" if metrics else ""), flush=True)
 
   # --- stages -------------------------------------------------------------------
 
@@ -233,7 +236,7 @@ def headline(results: dict, workdir: str) -> str:
 
 def main(argv):
   del argv
-  runtime.setup()
+  runtime.setup(_WORKDIR.value)
   cfg = _CONFIG.value
   stages = _STAGES.value or [s for s in cfg.stages.split(",") if s]
   pipeline = Pipeline(cfg, _WORKDIR.value, stages, _FORCE.value)

@@ -21,6 +21,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=Tr
 
 def main(argv):
   del argv
+  runtime.setup(_WORKDIR.value, uses_jax=False)
   runtime.preflight("hh", _CONFIG.value)
   from cai_jax.cai import hh
   from cai_jax.data import DataError

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging as pylogging
 import os
 import re
 import sys
@@ -51,18 +52,90 @@ def define_force():
                            "inputs, delete its outputs and start afresh (else it is refused).")
 
 
-def setup() -> None:
-  """Joins a multi-host job when launched as one.
+LOG_FILE = "run.log"
+_FILE_FORMAT = "%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(message)s"
+
+
+def log_name() -> str:
+  """`run.log` on the lead process, `run.<i>.log` on the others of a multi-host job."""
+  import jax
+  i = jax.process_index()
+  return LOG_FILE if i == 0 else LOG_FILE.replace(".log", f".{i}.log")
+
+
+def _file_handler() -> pylogging.FileHandler | None:
+  return next((h for h in pylogging.getLogger().handlers if getattr(h, "cai_jax_log", False)),
+              None)
+
+
+def log_to(path: str | None) -> None:
+  """Sends every INFO-and-above log record (the library's, orbax's checkpoint chatter, JAX's)
+  to the file `path` (appended; None: to no file). The console keeps warnings and errors,
+  and INFO too when `--verbosity` is given (`setup`)."""
+  root = pylogging.getLogger()
+  old = _file_handler()
+  if old is not None:
+    root.removeHandler(old)
+    old.close()
+  if path is None:
+    return
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    handler = pylogging.FileHandler(path)
+  except OSError as e:   # an unwritable workdir is reported by the stage itself, by name
+    logging.warning("cannot write the log file %s (%s): INFO logs go nowhere", path, e)
+    return
+  handler.cai_jax_log = True
+  handler.setLevel(pylogging.INFO)
+  handler.setFormatter(pylogging.Formatter(_FILE_FORMAT))
+  root.addHandler(handler)
+  if root.level > pylogging.INFO or root.level == pylogging.NOTSET:
+    root.setLevel(pylogging.INFO)
+
+
+@contextlib.contextmanager
+def stage_log(path: str):
+  """`log_to(path)` for a block (one stage of the pipeline), then back to the previous file."""
+  previous = _file_handler()
+  previous = previous.baseFilename if previous is not None else None
+  log_to(path)
+  try:
+    yield
+  finally:
+    log_to(previous)
+
+
+def quiet_console() -> None:
+  """Console logging at WARNING unless `--verbosity` (or `-v`) was given explicitly."""
+  from absl import flags
+  explicit = "verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present
+  logging.get_absl_handler().setLevel(pylogging.NOTSET if explicit else pylogging.WARNING)
+
+
+def setup(workdir: str | None = None, *, uses_jax: bool = True) -> None:
+  """Logging and, when launched as one, the multi-host job.
+
+  INFO records go to `<workdir>/run.log` and the console shows warnings, errors and
+  what the entrypoint prints (a start line, progress bars, a result line);
+  `--verbosity=0` (INFO) or higher brings the INFO records back to the console.
 
   `jax.distributed.initialize()` discovers the coordinator itself under Slurm
   (one task per host) and on Cloud TPU pods; elsewhere set
   JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or
-  CAI_JAX_DISTRIBUTED=1 to force it.
+  CAI_JAX_DISTRIBUTED=1 to force it. `uses_jax=False` (a stage that only talks to
+  servers) sets up logging without importing JAX.
   """
+  quiet_console()
+  if not uses_jax:
+    if workdir:
+      log_to(os.path.join(workdir, LOG_FILE))
+    return
   import jax
   if (os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("CAI_JAX_DISTRIBUTED") == "1"
       or int(os.environ.get("SLURM_NTASKS", "1")) > 1):
     jax.distributed.initialize()
+  if workdir:
+    log_to(os.path.join(workdir, log_name()))
   logging.info("JAX %s: process %d/%d, %d devices (%s)", jax.__version__, jax.process_index(),
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
 
@@ -88,16 +161,27 @@ def user_errors(name: str):
     sys.exit(f"{name}: error: {e}\n(rerun with --verbosity=1 for the traceback)")
 
 
-def headline(report: dict) -> str:
-  """One-line summary of a stage report for the console."""
-  keys = ("final_train", "final_eval")
-  parts = [f"stage={report.get('stage')}"]
-  for k in keys:
+# What a data stage's report says in one line (SL-CAI, hh-rlhf, RL-CAI, the reward model).
+_HEADLINE_COUNTS = ("sl_cai_records", "blend_records", "counts.train", "counts.test",
+                    "summary.pairs_kept", "summary.dropped_total", "test_accuracy")
+
+
+def headline(report: dict, *, outputs: bool = True, stage: bool = True) -> str:
+  """One-line summary of a stage report for the console: its final train / eval metrics
+  (and the stage's name and output paths)."""
+  parts = [f"stage={report.get('stage')}"] if stage else []
+  for k in ("final_train", "final_eval"):
     v = report.get(k) or {}
     parts += [f"{k}.{m}={v[m]:.4g}" for m in ("loss", "val_loss", "accuracy", "val_accuracy",
                                                "score_mean", "kl_per_sequence", "eval_score_mean")
               if isinstance(v.get(m), (int, float))]
+  for path in _HEADLINE_COUNTS:
+    v = report
+    for key in path.split("."):
+      v = v.get(key) if isinstance(v, dict) else None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+      parts.append(f"{path}={v:.4g}" if isinstance(v, float) else f"{path}={v}")
   outs = report.get("outputs") or {}
-  if outs:
+  if outs and outputs:
     parts.append("outputs=" + json.dumps(outs))
   return " ".join(parts)

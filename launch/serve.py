@@ -78,8 +78,8 @@ def main(argv):
   checkpoint = _CHECKPOINT.value
   tokenizer = _TOKENIZER.value or os.path.join(checkpoint, "tokenizer.model")
   mesh = parse_mesh(_MESH.value)
-  logging.info("loading %s (tokenizer %s, mesh %s)", checkpoint, tokenizer,
-               dict(mesh.shape) if mesh is not None else "none")
+  print(f"loading {checkpoint} (tokenizer {tokenizer}, mesh "
+        f"{dict(mesh.shape) if mesh is not None else 'none'})", flush=True)
   generator = TextGenerator.from_checkpoint(checkpoint, tokenizer, mesh=mesh,
                                             template=_TEMPLATE.value)
   api_key = _API_KEY.value or os.environ.get(_API_KEY_ENV.value) or None
@@ -93,8 +93,8 @@ def main(argv):
                           max_body_bytes=int(_MAX_BODY_MB.value * 2**20))
   host = f"[{_HOST.value}]" if ":" in _HOST.value else _HOST.value
   url = f"http://{host}:{_PORT.value}"
-  logging.info("serving %s at %s: NeMo PUT %s/generate, OpenAI %s/v1 (%s)", model_name, url, url,
-               url, "API key required" if api_key else "no API key")
+  print(f"serving {model_name} at {url}: NeMo PUT {url}/generate, OpenAI {url}/v1 "
+        f"({'API key required' if api_key else 'no API key'})", flush=True)
   uvicorn.run(server_app, host=_HOST.value, port=_PORT.value, log_level="info")
   return 0
 

@@ -15,7 +15,7 @@ _FORCE = runtime.define_force()
 
 def main(argv):
   del argv
-  runtime.setup()
+  runtime.setup(_WORKDIR.value)
   runtime.preflight("sft", _CONFIG.value)
   from cai_jax.train.sft import run_sft
   with runtime.user_errors("train_sft"):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,16 @@ STAGES = ("tokenizer", "base", "sl_cai", "sft", "hh", "rl_cai", "rm", "ppo", "ev
 QUICK = ["--config.base.num_epochs=4", "--config.sl_cai.limit=24", "--config.sft.num_epochs=2",
          "--config.rl_cai.limit=8", "--config.rm.num_epochs=1", "--config.ppo.iterations=3",
          "--config.ppo.eval_every=0", "--config.evaluate.limit=4"]
+
+
+PROGRESS_BAR = re.compile(r"\d+%\|")          # tqdm: "SL-CAI:  50%|█████     | 12/24 [...]"
+
+
+def console_lines(text: str) -> list[str]:
+  """The lines a person reads: what stays on screen of each line (tqdm redraws its bar in
+  place with carriage returns), progress bars left out."""
+  shown = (line.split("\r")[-1] for line in text.replace("\r\n", "\n").split("\n"))
+  return [line for line in shown if not PROGRESS_BAR.search(line)]
 
 
 def pipeline(workdir, *extra, **kw):
@@ -41,11 +52,21 @@ def test_tiny_pipeline_end_to_end_then_rerun_skips(tmp_path):
     assert (tmp_path / "evaluate" / png).stat().st_size > 1000
   assert (tmp_path / "evaluate" / "summary.md").read_text().startswith("# cai_jax evaluation")
   assert "cai_jax pipeline finished" in out.stdout and "report" in out.stdout
+  # A console a person can read: a start and a result line per stage, the summary, and
+  # warnings; the library's INFO records (orbax's checkpointing) go to each stage's log.
+  lines = console_lines(out.stdout + out.stderr)
+  assert len(lines) < 80, "\n".join(lines)
+  assert re.search(r"\[pipeline\] sft: done in \d+s: .*final_eval\.val_loss=", out.stdout)
+  assert re.search(r"\[pipeline\] ppo: done in \d+s: .*final_train\.score_mean=", out.stdout)
+  ppo_log = (tmp_path / "ppo" / "run.log").read_text()
+  assert re.search(r" I absl .*CheckpointManager", ppo_log)
+  assert "CheckpointManager" not in out.stdout + out.stderr
 
-  again = pipeline(tmp_path, timeout=600)
+  again = pipeline(tmp_path, "--verbosity=0", timeout=600)   # INFO back on the console
   assert again.returncode == 0, again.stderr[-3000:]
   for stage in STAGES:
     assert f"[pipeline] {stage}: complete, skipped" in again.stdout, again.stdout
+  assert re.search(r"^I\d{4} .*JAX .*process 0/1", again.stderr, re.M), again.stderr[-2000:]
 
 
 @pytest.mark.slow
