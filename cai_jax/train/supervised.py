@@ -85,14 +85,22 @@ def make_evaluate(eval_step, rows: list[dict], global_batch_size: int, put_batch
 def fit_supervised(cfg, workdir: str, *, mesh, tokenizer: Tokenizer, head: str,
                    make_loss: Callable[[MistralConfig], Any], train_rows: list[dict],
                    eval_rows: list[dict], count_tokens: Callable[[dict], int], desc: str,
-                   allow_head_change: bool = False):
-  """Trains (or resumes) on `train_rows`; returns (config, summary, export paths, steps)."""
+                   allow_head_change: bool = False, rows_with_model: Callable | None = None):
+  """Trains (or resumes) on `train_rows`; returns (config, summary, export paths, steps).
+
+  `rows_with_model(config, params, param_shardings, train_rows, eval_rows)`, if given,
+  sees the starting model before training and returns the rows to train and evaluate
+  on (DPO adds its frozen reference's log-probs to them); it must not keep `params`,
+  which the train state takes over.
+  """
   config, params, param_sh = common.load_or_init(cfg, mesh, head=head, seed=cfg.seed,
                                                  allow_head_change=allow_head_change)
   if tokenizer.vocab_size > config.vocab_size:
     raise ValueError(f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} tokens but the model "
                      f"only {config.vocab_size}")
   parallel.assert_params_sharded(params, mesh)
+  if rows_with_model is not None:
+    train_rows, eval_rows = rows_with_model(config, params, param_sh, train_rows, eval_rows)
   batches = batching.BatchIterator(
       train_rows, cfg.global_batch_size, seed=cfg.seed, shuffle=True, drop_remainder=True,
       process_index=jax.process_index(), process_count=jax.process_count())
