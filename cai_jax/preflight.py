@@ -182,6 +182,10 @@ VALUE_RULES: dict[str, dict] = {
             "packing": ("bool", None)},
     "rm": {**_TRAINING, **_prefixed("optim", _OPTIM), "margin": _real(0.0),
            "center_coef": _real(0.0)},
+    "dpo": {**_TRAINING, **_prefixed("optim", _OPTIM),
+            **_prefixed("dpo", {"beta": _real(0.0, None, open_lo=True),
+                                "loss_type": _enum("sigmoid", "ipo"),
+                                "label_smoothing": _real(0.0, 0.5), "ref_batch_size": _int(0)})},
     "ppo": {"max_prompt_len": _int(1), "rollout_batch_size": _int(1), "iterations": _int(1),
             "max_eval_prompts": _int(0), "eval_every": _int(0), "save_every": _int(0),
             "sample_every": _int(0), "keep_checkpoints": _int(1), "seed": _int(0),
@@ -254,7 +258,8 @@ def value_problems(stage: str, cfg, prefix: str = "config") -> list[str]:
             or (hi is not None and value > hi)):
         problems.append(f"{where}: must be {_range(lo, hi, open_lo)}")
   # Relations between fields.
-  if stage in ("sft", "rm") and _lookup(cfg, "num_epochs") == 0 and not _lookup(cfg, "max_steps"):
+  if (stage in ("sft", "rm", "dpo") and _lookup(cfg, "num_epochs") == 0
+      and not _lookup(cfg, "max_steps")):
     problems.append(f"{prefix}.num_epochs=0 and {prefix}.max_steps=0: nothing would be trained")
   for optim in ("optim", "actor_optim", "critic_optim"):
     lr, min_lr = _lookup(cfg, f"{optim}.lr"), _lookup(cfg, f"{optim}.min_lr")
@@ -325,6 +330,10 @@ def _rm(c, cfg, p):
   _trainer(c, cfg, p, ("train_file", "test_file"), ("init_from",), stops=False)
 
 
+def _dpo(c, cfg, p):
+  _trainer(c, cfg, p, ("train_file", "test_file"), ("init_from",), stops=False)
+
+
 def _ppo(c, cfg, p):
   _trainer(c, cfg, p, ("train_prompts", "val_prompts"), ("actor_init",), stops=True)
   for field in ("rm_init", "critic_init"):
@@ -385,8 +394,8 @@ def _evaluate(c, cfg, p):
 
 
 STAGE_CHECKS: dict[str, Callable] = {
-    "sft": _sft, "rm": _rm, "ppo": _ppo, "sl_cai": _sl_cai, "rl_cai": _rl_cai, "hh": _hh,
-    "evaluate": _evaluate,
+    "sft": _sft, "rm": _rm, "dpo": _dpo, "ppo": _ppo, "sl_cai": _sl_cai, "rl_cai": _rl_cai,
+    "hh": _hh, "evaluate": _evaluate,
 }
 
 
