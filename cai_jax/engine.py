@@ -143,7 +143,7 @@ class TextGenerator:
     import json
     import os
 
-    from cai_jax import checkpoint, parallel
+    from cai_jax import checkpoint
     shardings = None
     if mesh is not None:
       if checkpoint.is_orbax_model_dir(model_dir):
@@ -393,10 +393,10 @@ class TextGenerator:
     """log p(token | prompt) of each of `token_ids` after each prompt: f32 [n_prompts, n_ids].
 
     Under the raw model (temperature 1, nothing filtered), from the sampler's own prompt
-    pass (`sampling.next_token_logprobs_program`, which sends only the last position through the vocabulary
-    projection) and no decode step. Prompts go `batch_size` at a time, each batch padded
-    to at least `batch_size` rows and to a power-of-two length as `complete` pads them,
-    on the generator's mesh, so a run compiles one program per length bucket. (A judge
+    pass (`sampling.next_token_logprobs_program`: only the last position goes through the
+    vocabulary projection) and no decode step. Prompts go `batch_size` at a time, each batch
+    padded to at least `batch_size` rows and to a power-of-two length as `complete` pads
+    them, on the generator's mesh, so a run compiles one program per length bucket. (A judge
     reads its option letters with this.)
     """
     ids = tuple(int(t) for t in token_ids)

@@ -22,12 +22,12 @@ from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
-ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}   # `mesh_from_config(ONE_DEVICE)`: the first device
+# `mesh_from_config(ONE_DEVICE)`: the first device (in a single-process job).
+ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}
 BATCH_AXES = ("data", "fsdp")
 
 # Logical axis -> mesh axes. Weights: FSDP over the embedding dimension,

@@ -400,16 +400,15 @@ def _jit_prompt_program(fn, config: MistralConfig, mesh):
 
 @functools.lru_cache(maxsize=16)
 def next_token_logprobs_program(config: MistralConfig, token_ids: tuple[int, ...], pad_id: int,
-                                  mesh):
+                                mesh):
   """A jitted `(params, prompt_ids, prompt_lengths, sp) -> f32 [B, len(token_ids)]`: log p of
   each of `token_ids` right after each left-padded prompt, from the sampler's own prefill
   (its next-token logits normalised, the asked-for columns kept; the KV cache and decode
   state it also builds are not outputs, so XLA drops them). A judge reads its option
   letters with it (`engine.TextGenerator.next_token_logprobs`)."""
   def fn(params, prompt_ids, prompt_lengths, sp):
-    state, _ = _prefill(config, params, prompt_ids, prompt_lengths, sp,
-                                 max_new_tokens=0, pad_id=pad_id, num_top_logprobs=0,
-                                 return_prompt_logprobs=False)
+    state, _ = _prefill(config, params, prompt_ids, prompt_lengths, sp, max_new_tokens=0,
+                        pad_id=pad_id, num_top_logprobs=0, return_prompt_logprobs=False)
     logits = state["logits"].astype(jnp.float32)                        # [B, V]
     picked = logits[:, jnp.asarray(token_ids, jnp.int32)]
     return picked - jax.nn.logsumexp(logits, axis=-1, keepdims=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 _SRC = flags.DEFINE_string("src", None, "Source model directory (HF or cai_jax orbax).",
                            required=True)
@@ -56,8 +56,8 @@ def convert(src: str, dst: str, to: str | None = None, head: str = "auto",
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # orbax logs every file it touches at INFO
-    logging.set_verbosity(logging.WARNING)
+  from launch import runtime
+  runtime.quiet_console()         # orbax logs every file it touches at INFO
   from cai_jax.checkpoint import CheckpointError
   try:
     summary = convert(_SRC.value, _DST.value, _TO.value, _HEAD.value, _DTYPE.value,

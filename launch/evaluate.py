@@ -22,6 +22,7 @@ _CURVES = flags.DEFINE_list("curves", [], "stage=workdir pairs whose metrics.jso
 def main(argv):
   del argv
   runtime.setup(_WORKDIR.value)
+  runtime.announce("evaluate", _WORKDIR.value)
   import os
   runtime.preflight("evaluate", _CONFIG.value)
   from cai_jax.cai.evaluate import run_evaluate

@@ -29,6 +29,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=Tr
 def main(argv):
   del argv
   runtime.setup(_WORKDIR.value)
+  runtime.announce("rl_cai", _WORKDIR.value)
   runtime.preflight("rl_cai", _CONFIG.value)
   from cai_jax.cai import rl_cai
   from cai_jax.data import DataError

@@ -41,6 +41,7 @@ def main(argv):
   del argv
   cfg = _CONFIG.value
   runtime.setup(_WORKDIR.value, uses_jax=cfg.backend.kind == "local")
+  runtime.announce("sl_cai", _WORKDIR.value)
   runtime.preflight("sl_cai", _CONFIG.value)
   from cai_jax.cai.sl_cai import run_sl_cai
   from cai_jax.serve.client import RemoteError

@@ -50,11 +50,11 @@ def plan_pipeline(cfg, mesh: plan.Mesh) -> dict[str, dict]:
                                             seq=r.max_seq_len, remat=r.remat, head="scalar")
   p = cfg.ppo
   actor = model_with(cfg, p)
-  stages["ppo"] = plan.ppo_stage(
-      actor, actor, mesh, rollout_batch=p.rollout_batch_size, prompt_len=p.max_prompt_len,
-      new_tokens=p.ppo.max_new_tokens,
-      minibatch=p.rollout_batch_size // p.ppo.num_minibatches, remat=p.remat,
-      frozen_dtype=p.frozen_dtype or None)
+  responses = p.rollout_batch_size * p.ppo.samples_per_prompt
+  stages[p.ppo.advantage if p.ppo.advantage != "gae" else "ppo"] = plan.ppo_stage(
+      actor, actor, mesh, rollout_batch=responses, prompt_len=p.max_prompt_len,
+      new_tokens=p.ppo.max_new_tokens, minibatch=responses // p.ppo.num_minibatches,
+      remat=p.remat, frozen_dtype=p.frozen_dtype or None, with_critic=p.ppo.advantage == "gae")
   return stages
 
 
@@ -68,8 +68,9 @@ def main(argv):
         f"mesh data={mesh.data} fsdp={mesh.fsdp} tensor={mesh.tensor} ({mesh.devices} devices)")
   print(plan.format_table(stages, _DEVICE_GB.value))
   if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump({k: {kk: float(vv) for kk, vv in v.items()} for k, v in stages.items()}, f, indent=2)
+    from cai_jax.data import jsonl
+    jsonl.atomic_write_json(_JSON.value, {k: {kk: float(vv) for kk, vv in v.items()}
+                                          for k, v in stages.items()})
 
 
 if __name__ == "__main__":

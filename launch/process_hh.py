@@ -22,6 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=Tr
 def main(argv):
   del argv
   runtime.setup(_WORKDIR.value, uses_jax=False)
+  runtime.announce("hh", _WORKDIR.value)
   runtime.preflight("hh", _CONFIG.value)
   from cai_jax.cai import hh
   from cai_jax.data import DataError

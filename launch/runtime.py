@@ -63,6 +63,23 @@ def log_name() -> str:
   return LOG_FILE if i == 0 else LOG_FILE.replace(".log", f".{i}.log")
 
 
+class _LogFile(pylogging.FileHandler):
+  """A log file that comes into being with its first record (directory included), so a
+  stage refused before any work leaves its workdir untouched."""
+
+  def __init__(self, path: str):
+    super().__init__(path, delay=True)
+
+  def _open(self):
+    os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+    return super()._open()
+
+  def handleError(self, record):
+    # An unwritable workdir: the stage itself stops with an error naming it; the log
+    # records just go nowhere instead of printing a traceback per record.
+    self.setLevel(pylogging.CRITICAL + 1)
+
+
 def _file_handler() -> pylogging.FileHandler | None:
   return next((h for h in pylogging.getLogger().handlers if getattr(h, "cai_jax_log", False)),
               None)
@@ -77,15 +94,12 @@ def log_to(path: str | None) -> None:
   if old is not None:
     root.removeHandler(old)
     old.close()
+    root.setLevel(old.root_level)
   if path is None:
     return
-  try:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    handler = pylogging.FileHandler(path)
-  except OSError as e:   # an unwritable workdir is reported by the stage itself, by name
-    logging.warning("cannot write the log file %s (%s): INFO logs go nowhere", path, e)
-    return
+  handler = _LogFile(os.path.abspath(path))
   handler.cai_jax_log = True
+  handler.root_level = root.level        # put back when the file is closed
   handler.setLevel(pylogging.INFO)
   handler.setFormatter(pylogging.Formatter(_FILE_FORMAT))
   root.addHandler(handler)
@@ -134,10 +148,15 @@ def setup(workdir: str | None = None, *, uses_jax: bool = True) -> None:
   if (os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("CAI_JAX_DISTRIBUTED") == "1"
       or int(os.environ.get("SLURM_NTASKS", "1")) > 1):
     jax.distributed.initialize()
-  if workdir:
-    log_to(os.path.join(workdir, log_name()))
   logging.info("JAX %s: process %d/%d, %d devices (%s)", jax.__version__, jax.process_index(),
                jax.process_count(), jax.device_count(), jax.devices()[0].platform)
+  if workdir:
+    log_to(os.path.join(workdir, log_name()))
+
+
+def announce(stage: str, workdir: str) -> None:
+  """The stage's start line on the console (its progress bar and result line follow)."""
+  print(f"{stage}: running -> {os.path.abspath(workdir)} (INFO log: {LOG_FILE})", flush=True)
 
 
 def preflight(stage: str, cfg) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 _MODEL = flags.DEFINE_string("model", None, "Reward model directory (cai_jax or HF).",
                              required=True)
@@ -56,8 +56,8 @@ def score_file(model: str, input_path: str, output_path: str, *, field: str = "t
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # orbax logs every file it touches at INFO
-    logging.set_verbosity(logging.WARNING)
+  from launch import runtime
+  runtime.quiet_console()         # orbax logs every file it touches at INFO
   from cai_jax.checkpoint import CheckpointError
   from cai_jax.data.jsonl import DataError
   try:

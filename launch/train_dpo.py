@@ -17,6 +17,7 @@ _FORCE = runtime.define_force()
 def main(argv):
   del argv
   runtime.setup(_WORKDIR.value)
+  runtime.announce("dpo", _WORKDIR.value)
   runtime.preflight("dpo", _CONFIG.value)
   from cai_jax.train.dpo import run_dpo
   with runtime.user_errors("train_dpo"):

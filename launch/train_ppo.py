@@ -16,6 +16,7 @@ _FORCE = runtime.define_force()
 def main(argv):
   del argv
   runtime.setup(_WORKDIR.value)
+  runtime.announce("ppo", _WORKDIR.value)
   runtime.preflight("ppo", _CONFIG.value)
   from cai_jax.train.ppo import run_ppo
   with runtime.user_errors("train_ppo"):

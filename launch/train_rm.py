@@ -15,6 +15,7 @@ _FORCE = runtime.define_force()
 def main(argv):
   del argv
   runtime.setup(_WORKDIR.value)
+  runtime.announce("rm", _WORKDIR.value)
   runtime.preflight("rm", _CONFIG.value)
   from cai_jax.train.reward import run_rm
   with runtime.user_errors("train_rm"):

@@ -16,6 +16,7 @@ _FORCE = runtime.define_force()
 def main(argv):
   del argv
   runtime.setup(_WORKDIR.value)
+  runtime.announce("sft", _WORKDIR.value)
   runtime.preflight("sft", _CONFIG.value)
   from cai_jax.train.sft import run_sft
   with runtime.user_errors("train_sft"):

@@ -79,3 +79,50 @@ def test_serve_does_not_import_train():
 @pytest.mark.parametrize("package", ["cai_jax/data", "cai_jax/cai"])
 def test_data_and_cai_stages_do_not_import_the_trainers(package):
   assert _offenders(_package_files(package), ("cai_jax.train",)) == []
+
+
+def test_no_import_cycles_in_the_library():
+  """Module-level and lazy imports alike: no two library modules depend on each other
+  through any chain (a package's __init__ re-exporting its modules does not count)."""
+  modules = {}
+  for path in _package_files("cai_jax"):
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    modules[name] = path
+  graph = {}
+  for name, path in modules.items():
+    deps = set()
+    for imported in _imports(path):
+      while imported and imported not in modules:      # `from a.b import f` -> a.b
+        imported = imported.rpartition(".")[0]
+      if imported and imported != name and not modules[imported].name == "__init__.py":
+        deps.add(imported)
+    graph[name] = deps
+  # Tarjan's strongly connected components: a component of more than one module is a cycle.
+  index, low, on_stack, stack, cycles = {}, {}, set(), [], []
+
+  def visit(v):
+    index[v] = low[v] = len(index)
+    stack.append(v)
+    on_stack.add(v)
+    for w in graph[v]:
+      if w not in index:
+        visit(w)
+        low[v] = min(low[v], low[w])
+      elif w in on_stack:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      component = []
+      while True:
+        w = stack.pop()
+        on_stack.discard(w)
+        component.append(w)
+        if w == v:
+          break
+      if len(component) > 1:
+        cycles.append(sorted(component))
+
+  for v in graph:
+    if v not in index:
+      visit(v)
+  assert cycles == []

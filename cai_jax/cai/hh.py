@@ -157,7 +157,7 @@ def process_hh(cfg, out_dir: str) -> dict:
     split_method = "source"
   else:
     pairs, read_stats["all"] = _read(source, subsets, "train")
-    by_split = split_by_prompt(pairs, lambda p: _prompt_key(p["prompt"]), cfg.test_fraction,
+    by_split = split_by_prompt(pairs, lambda p: _turns_key(p["prompt"]), cfg.test_fraction,
                                cfg.seed)
     split_method = f"seeded by prompt (test_fraction={cfg.test_fraction}, seed={cfg.seed})"
 
@@ -184,5 +184,5 @@ def process_hh(cfg, out_dir: str) -> dict:
   return {"stage": "process_hh", "counts": counts, "outputs": outputs}
 
 
-def _prompt_key(turns: Sequence[Mapping[str, str]]) -> str:
+def _turns_key(turns: Sequence[Mapping[str, str]]) -> str:
   return "\x1e".join(f"{t['from']}\x1f{t['value']}" for t in turns)

@@ -72,7 +72,7 @@ def differences(recorded: dict, current: dict) -> list[str]:
 
 # What a training stage writes in its workdir: all that `force` may delete.
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "model", "hf", "report.json",
-               "manifest.json", "samples.jsonl", IDENTITY_FILE)
+               "manifest.json", "samples.jsonl", "reference_logps.npz", IDENTITY_FILE)
 
 
 def _stale_temporaries(workdir: str) -> list[str]:

@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 
 from cai_jax.data.jsonl import atomic_write_bytes
 from cai_jax.metrics import MetricsWriter
-from cai_jax.train.checkpointing import Checkpointer
-from cai_jax.train.state import TrainState, abstract_state
+from cai_jax.train.checkpointing import Checkpointer, CheckpointRestoreError
+from cai_jax.train.state import abstract_state
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -139,7 +139,8 @@ class LoopSettings:
   flops_per_token: float = 0.0  # forward+backward FLOPs per token, for the MFU estimate
   peak_flops: float = 0.0       # per device
   desc: str = "train"           # progress bar label; first word of a divergence error
-  unit: str = "step"            # what a step is called in messages ("iteration" for PPO)
+  # What a step is called in messages and in the checkpoint's data ("iteration" for PPO).
+  unit: str = "step"
   eval_at_start: bool = True    # evaluate the initial state (step 0) on a fresh start
   # Metrics that must be finite, checked before anything of the step is logged or saved.
   finite_metrics: tuple[str, ...] = ("loss", "grad_norm", "param_norm")
@@ -222,9 +223,15 @@ def run_training(*, state: Any, shardings: Any, step: Step, batches: Any,
   if checkpointer is not None and checkpointer.latest_step() is not None:
     state, data_state, start = checkpointer.restore(abstract_state(state, shardings))
     batches.restore(data_state["batches"])
-    initial_eval = dict(data_state.get("initial_eval") or {})
+    # PPO checkpoints written before the shared loop call the step-0 evaluation first_eval.
+    initial_eval = dict(data_state.get("initial_eval") or data_state.get("first_eval") or {})
     guard.restore(data_state.get("guard"))
     for name, obj in (host_state or {}).items():
+      if name not in data_state:
+        raise CheckpointRestoreError(
+            f"{checkpointer.directory}/{start}: the checkpoint has no {name!r} (this stage keeps "
+            f"it there); it was written by another stage or version. Use another workdir, or "
+            f"--force to start afresh")
       obj.restore(data_state[name])
     logging.info("%s resumed from %s %d", settings.desc, settings.unit, start)
     kept = start

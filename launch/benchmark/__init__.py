@@ -19,7 +19,7 @@ Modes, one module each (`workload.Shapes` holds the sizes; the defaults are BENC
   sft       one AdamW train step on a masked LM loss (`make_train_step` vs a
             transformers + torch step with fused AdamW, as HF's Trainer uses).
   ppo       seconds per PPO iteration split into rollout / scoring / update
-            (`PPOTrainer` vs TRL 1.9.2's `trl.experimental.ppo.PPOTrainer`).
+            (cai_jax's `ppo.Iteration` vs TRL 1.9.2's `trl.experimental.ppo.PPOTrainer`).
 
 Two device modes (`suite.run(device=...)`, `--device`); each one's presets, sizes and
 targets are in `targets.json`:
