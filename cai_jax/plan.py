@@ -99,23 +99,29 @@ def train_stage(cfg: MistralConfig, mesh: Mesh, *, micro_batch: int, seq: int, r
 
 def ppo_stage(actor: MistralConfig, critic: MistralConfig, mesh: Mesh, *, rollout_batch: int,
               prompt_len: int, new_tokens: int, minibatch: int, remat: bool,
-              frozen_dtype: str | None = None) -> dict:
-  """Per-device bytes of PPO: actor + critic trained, reference + reward model frozen."""
+              frozen_dtype: str | None = None, with_critic: bool = True) -> dict:
+  """Per-device bytes of the RL stage: actor (+ critic with GAE) trained, reference + reward
+  model frozen. `critic` is the reward model's shape (the critic starts from it);
+  `with_critic=False` (GRPO, RLOO, REINFORCE++) counts three models, not four.
+  `rollout_batch` and `minibatch` count responses (prompts x samples per prompt)."""
   shards = mesh.model_shards
   seq = prompt_len + new_tokens
-  a, c = trainable_bytes(actor, "lm"), trainable_bytes(critic, "scalar")
   per_replica_rollout = max(rollout_batch // mesh.batch_shards, 1)
   per_replica_mb = max(minibatch // mesh.batch_shards, 1)
-  return {
-      "actor_params+grads+optimizer": sum(a.values()) / shards,
-      "critic_params+grads+optimizer": sum(c.values()) / shards,
+  parts = {"actor_params+grads+optimizer": sum(trainable_bytes(actor, "lm").values()) / shards}
+  if with_critic:
+    critic_bytes = sum(trainable_bytes(critic, "scalar").values())
+    parts["critic_params+grads+optimizer"] = critic_bytes / shards
+  activations = activation_bytes(actor, per_replica_mb, seq, remat, "lm")
+  if with_critic:
+    activations += activation_bytes(critic, per_replica_mb, seq, remat, "scalar")
+  parts.update({
       "reference_params": weights_bytes(actor, "lm", frozen_dtype) / shards,
       "reward_model_params": weights_bytes(critic, "scalar", frozen_dtype) / shards,
       "rollout_kv_cache": kv_cache_bytes(actor, per_replica_rollout, seq) / mesh.tensor,
-      "update_activations": (activation_bytes(actor, per_replica_mb, seq, remat, "lm")
-                             + activation_bytes(critic, per_replica_mb, seq, remat, "scalar"))
-                            / mesh.tensor,
-  }
+      "update_activations": activations / mesh.tensor,
+  })
+  return parts
 
 
 def generation_stage(cfg: MistralConfig, mesh: Mesh, *, batch: int, total_len: int) -> dict:

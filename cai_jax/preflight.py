@@ -197,9 +197,14 @@ VALUE_RULES: dict[str, dict] = {
                 "num_minibatches": _int(1), "clip_eps": _real(0.0, None, open_lo=True),
                 "value_clip": _real(0.0), "vf_coef": _real(0.0), "entropy_coef": _real(0.0),
                 "gamma": _real(0.0, 1.0), "lam": _real(0.0, 1.0),
-                "kl_estimator": _enum("k1", "abs", "k3"), "init_kl_coef": _real(0.0),
+                "kl_estimator": _enum("k1", "abs", "k2", "k3"), "init_kl_coef": _real(0.0),
                 "target_kl": _real(0.0, None, open_lo=True), "kl_horizon": _int(1),
-                "no_stop_penalty": _real(0.0)})},
+                "no_stop_penalty": _real(0.0),
+                "advantage": _enum("gae", "grpo", "rloo", "reinforce_pp"),
+                "samples_per_prompt": _int(1), "grpo_std_normalize": ("bool", None),
+                "kl_in": _enum("reward", "loss"),
+                "loss_agg": _enum("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
+                "unfinished": _enum("keep", "mask")})},
     "sl_cai": {"rounds": _int(1), "batch_size": _int(1), "limit": _int(-1),
                "overlong": _enum("drop", "truncate", "error"),
                "num_few_shot": _int(-1), "helpfulness_ratio": _real(-1.0),
@@ -258,6 +263,11 @@ def value_problems(stage: str, cfg, prefix: str = "config") -> list[str]:
             or (hi is not None and value > hi)):
         problems.append(f"{where}: must be {_range(lo, hi, open_lo)}")
   # Relations between fields.
+  if stage == "ppo" and _lookup(cfg, "ppo.advantage") in ("grpo", "rloo"):
+    g = _lookup(cfg, "ppo.samples_per_prompt")
+    if isinstance(g, int) and g < 2:
+      problems.append(f"{prefix}.ppo.samples_per_prompt={g!r}: {_lookup(cfg, 'ppo.advantage')} "
+                      "compares each prompt's responses with each other: needs at least 2")
   if (stage in ("sft", "rm", "dpo") and _lookup(cfg, "num_epochs") == 0
       and not _lookup(cfg, "max_steps")):
     problems.append(f"{prefix}.num_epochs=0 and {prefix}.max_steps=0: nothing would be trained")

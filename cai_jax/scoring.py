@@ -35,12 +35,21 @@ def segment_last_scores(values: jax.Array, segment_ids: jax.Array, num_segments:
   return jnp.where(last >= 0, picked, 0.0)
 
 
+def rm_scores_at(config: MistralConfig, params, tokens, attention_mask, last, positions=None):
+  """The reward model's scalar at column `last` [B] of each row of `tokens` [B, T] (any
+  layout: PPO's left-padded prompt | response rows pass their `positions`). The params are
+  an argument, not a closure: a closed-over 7B reward model would be baked into the
+  compiled program as constants."""
+  values = Mistral(config, head="scalar").apply({"params": params}, tokens, positions=positions,
+                                                attention_mask=attention_mask)
+  return jnp.take_along_axis(values, last[:, None], axis=1)[:, 0]
+
+
 def rm_scores(config: MistralConfig, params, tokens, lengths):
-  """tokens [B, T] right-padded, lengths [B] -> scores [B]."""
+  """tokens [B, T] right-padded, lengths [B] -> scores [B] at each row's last token."""
   T = tokens.shape[1]
   mask = jnp.arange(T)[None, :] < lengths[:, None]
-  values = Mistral(config, head="scalar").apply({"params": params}, tokens, attention_mask=mask)
-  return last_token_scores(values, lengths)
+  return rm_scores_at(config, params, tokens, mask, jnp.maximum(lengths - 1, 0))
 
 
 class RewardScorer:

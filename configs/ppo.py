@@ -52,7 +52,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       entropy_coef=0.0,
       gamma=1.0,
       lam=0.95,
-      kl_estimator="abs",               # k1 | abs (NeMo's default) | k3
+      kl_estimator="abs",               # k1 | abs (NeMo's default) | k2 | k3
       init_kl_coef=0.02,
       adaptive_kl=False,
       target_kl=6.0,
@@ -62,6 +62,16 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       # "Old" log-probs from a full actor forward instead of the sampler (as
       # NeMo-Aligner does): for bfloat16, where the two round differently.
       recompute_logprobs=False,
+      # The advantage estimator: gae (PPO with a critic) | grpo | rloo | reinforce_pp (no
+      # critic is loaded); grpo and rloo compare each prompt's samples_per_prompt responses.
+      advantage="gae",
+      samples_per_prompt=1,
+      grpo_std_normalize=True,           # False: Dr. GRPO (score - group mean only)
+      kl_in="reward",                    # reward (-beta * KL per token) | loss (GRPO's KL term)
+      # token_mean | seq_mean_token_mean (NeMo-Aligner with its micro-batch of 1) |
+      # seq_mean_token_sum_norm (Dr. GRPO)
+      loss_agg="token_mean",
+      unfinished="keep",                 # keep | mask (out of the policy loss, as NeMo's is_end)
   ))
   # Tiny: a from-scratch 2-layer model over a few dozen iterations. A constant
   # rate keeps learning through the whole run (a cosine decay to lr/10 stalls

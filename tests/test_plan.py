@@ -51,6 +51,21 @@ def test_ppo_counts_four_models():
   assert out["rollout_kv_cache"] == 2 * 32 * 64 * 1024 * 8 * 128 * 2 == 8 * GIB
 
 
+def test_critic_free_estimators_count_three_models():
+  cfg = MistralConfig.from_config(model_preset("mistral_7b"), param_dtype="float32",
+                                   dtype="bfloat16")
+  mesh = plan.Mesh(data=1, fsdp=8, tensor=1)
+  kw = dict(rollout_batch=512, prompt_len=512, new_tokens=512, minibatch=64, remat=True,
+            frozen_dtype="bfloat16")
+  gae = plan.ppo_stage(cfg, cfg, mesh, **kw)
+  grpo = plan.ppo_stage(cfg, cfg, mesh, **kw, with_critic=False)
+  assert "critic_params+grads+optimizer" not in grpo
+  saved = sum(gae.values()) - sum(grpo.values())
+  critic_activations = gae["update_activations"] - grpo["update_activations"]
+  assert critic_activations > 0
+  assert saved == gae["critic_params+grads+optimizer"] + critic_activations
+
+
 def test_plan_cli_prints_every_stage(tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "launch.plan", "--config=configs/pipeline.py:mistral_7b",

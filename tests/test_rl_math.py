@@ -198,8 +198,10 @@ def test_kl_estimators():
   k3 = np.asarray(rl.kl_penalty(logp, ref, "k3"))
   np.testing.assert_allclose(k3, (r - 1) - np.log(r), rtol=1e-5, atol=1e-6)
   assert np.all(k3 >= 0)
-  with pytest.raises(ValueError, match="k1, abs or k3"):
-    rl.kl_penalty(logp, ref, "k2")
+  np.testing.assert_allclose(np.asarray(rl.kl_penalty(logp, ref, "k2")), 0.5 * lr ** 2,
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="k1, abs, k2, k3|kl estimator"):
+    rl.kl_penalty(logp, ref, "k4")
 
 
 def test_k3_is_unbiased_for_the_true_kl():
@@ -268,3 +270,121 @@ def test_adaptive_kl_coef_is_a_clipped_proportional_controller():
   # Too little: beta shrinks.
   assert rl.adaptive_kl_coef(0.1, 0.0, 6.0, 100, 10) == pytest.approx(0.1 * (1 - 0.2 * 0.1))
   assert rl.adaptive_kl_coef(0.1, 6.0, 6.0, 100, 10) == pytest.approx(0.1)
+
+
+# ---- critic-free estimators and loss aggregation (#17) -----------------------------------
+
+def group_np(scores, G, method, std_normalize=True, eps=1e-4):
+  out = np.zeros_like(scores, dtype=np.float64)
+  for start in range(0, len(scores), G):
+    s = scores[start:start + G].astype(np.float64)
+    for g in range(G):
+      if method == "grpo":
+        a = s[g] - s.mean()
+        out[start + g] = a / (np.std(s, ddof=1) + eps) if std_normalize else a
+      else:                                          # rloo: the other G - 1 as the baseline
+        out[start + g] = s[g] - np.delete(s, g).mean()
+  return out
+
+
+@pytest.mark.parametrize("G", [2, 4])
+@pytest.mark.parametrize("method,std", [("grpo", True), ("grpo", False), ("rloo", True)])
+def test_group_advantages_match_numpy(G, method, std):
+  scores = np.random.default_rng(G).normal(size=(5 * G,)).astype(np.float32)
+  scores[:G] = 0.25                                  # a group of equal scores: no signal, no NaN
+  got = np.asarray(rl.group_advantages(scores, G, method, std_normalize=std))
+  np.testing.assert_allclose(got, group_np(scores, G, method, std), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got[:G], 0.0, atol=1e-6)
+  # Each group's advantages sum to zero for both baselines (RLOO's is G/(G-1) x GRPO's).
+  np.testing.assert_allclose(got.reshape(-1, G).sum(axis=1), 0.0, atol=1e-4)
+
+
+def returns_np(rewards, mask, gamma):
+  out = np.zeros_like(rewards, dtype=np.float64)
+  for b in range(rewards.shape[0]):
+    g = 0.0
+    for t in reversed(range(rewards.shape[1])):
+      if mask[b, t]:
+        g = float(rewards[b, t]) + gamma * g
+        out[b, t] = g
+  return out
+
+
+@pytest.mark.parametrize("mask_kind", ["trailing", "none", "arbitrary"])
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_reinforce_pp_returns_with_masks_and_different_lengths(mask_kind, gamma):
+  """REINFORCE++: per-token -beta * KL plus the score at the last token, discounted returns,
+  whitened over every valid token of the batch."""
+  rng = np.random.default_rng(7)
+  mask = masks()[mask_kind]
+  kl = rng.normal(size=(B, T)).astype(np.float32)
+  score = rng.normal(size=(B,)).astype(np.float32)
+  rewards = np.asarray(rl.token_rewards(score, kl, mask, 0.1))
+  got = np.asarray(rl.discounted_returns(rewards, mask, gamma))
+  want = returns_np(rewards, mask, gamma)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  white = np.asarray(rl.masked_whiten(got, mask))
+  valid = want[mask]
+  np.testing.assert_allclose(white[mask], (valid - valid.mean()) / np.sqrt(valid.var() + 1e-8),
+                             rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mask_kind", ["trailing", "none", "arbitrary"])
+def test_loss_aggregations_equal_their_formulas(mask_kind):
+  mask = masks()[mask_kind]
+  x = np.random.default_rng(3).normal(size=(B, T))
+  m = mask.astype(np.float64)
+  rows = (x * m).sum(1)
+  want = {"token_mean": rows.sum() / m.sum(),
+          "seq_mean_token_mean": np.mean(rows / np.maximum(m.sum(1), 1)),
+          "seq_mean_token_sum_norm": np.mean(rows / T)}
+  for how, value in want.items():
+    np.testing.assert_allclose(float(rl.aggregate(x, mask, how)), value, rtol=1e-6, err_msg=how)
+  with pytest.raises(ValueError, match="loss aggregation"):
+    rl.aggregate(x, mask, "sum")
+
+
+def nemo_actor_loss(logp, old_logp, adv, mask, is_end, eps):
+  """NeMo-Aligner's actor loss (megatron_gpt_ppo_actor.py loss_func) with its default
+  micro-batch of one sequence: a token mean over mask * is_end per sequence (0 for a
+  sequence that never ended: its micro-batch is skipped), averaged over micro-batches."""
+  per_seq = []
+  for i in range(logp.shape[0]):
+    m = mask[i] * is_end[i]
+    ratio = np.exp(logp[i] - old_logp[i])
+    loss = np.maximum(-adv[i] * ratio, -adv[i] * np.clip(ratio, 1 - eps, 1 + eps))
+    per_seq.append((loss * m).sum() / m.sum() if m.sum() > 0 else 0.0)
+  return np.mean(per_seq)
+
+
+def nemo_critic_loss(values, old_values, returns, mask, clip):
+  """NeMo-Aligner's critic loss (megatron_gpt_critic.py loss_func), micro-batch of one: 0.5 x
+  the token mean over the response mask (no is_end) of the larger squared error."""
+  per_seq = []
+  for i in range(values.shape[0]):
+    v_clipped = old_values[i] + np.clip(values[i] - old_values[i], -clip, clip)
+    err = np.maximum((v_clipped - returns[i]) ** 2, (values[i] - returns[i]) ** 2)
+    per_seq.append(0.5 * (err * mask[i]).sum() / mask[i].sum())
+  return np.mean(per_seq)
+
+
+def test_nemo_exact_setting_gives_nemo_aligners_actor_and_critic_losses():
+  """unfinished=mask + loss_agg=seq_mean_token_mean == NeMo-Aligner's losses on random inputs
+  with unfinished responses of different lengths."""
+  rng = np.random.default_rng(11)
+  lengths = np.array([1, 4, T, 7, T, 2])
+  mask = np.arange(T)[None, :] < lengths[:, None]
+  is_end = np.array([True, False, True, True, False, True])
+  logp = rng.normal(-2, 0.5, (B, T))
+  old = logp + rng.normal(0, 0.3, (B, T))
+  adv = rng.normal(size=(B, T))
+  got, _ = rl.policy_loss(logp, old, adv, mask & is_end[:, None], 0.2, "seq_mean_token_mean")
+  np.testing.assert_allclose(float(got), nemo_actor_loss(logp, old, adv, mask, is_end, 0.2),
+                             rtol=1e-6)
+  values, old_values, returns = (rng.normal(size=(B, T)) for _ in range(3))
+  got, _ = rl.value_loss(values, old_values, returns, mask, 0.2, "seq_mean_token_mean")
+  np.testing.assert_allclose(float(got), nemo_critic_loss(values, old_values, returns, mask, 0.2),
+                             rtol=1e-6)
+  # The batch's token mean weighs long responses more: a different number.
+  token_mean, _ = rl.policy_loss(logp, old, adv, mask & is_end[:, None], 0.2)
+  assert abs(float(token_mean) - nemo_actor_loss(logp, old, adv, mask, is_end, 0.2)) > 1e-3

@@ -43,7 +43,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from cai_jax import parallel, preflight, sampling
+from cai_jax import parallel, preflight, sampling, scoring
 from cai_jax.compile_options import gradient_program_options
 from cai_jax.data import batching, jsonl
 from cai_jax.metrics import MetricsWriter
@@ -94,7 +94,7 @@ class PPOState:
   """The trained half of PPO, carried from iteration to iteration and checkpointed whole by
   the loop (beta, host-side, is the `Iteration`'s `kl` controller)."""
   actor: TrainState       # its rng is the run's key, split every iteration
-  critic: TrainState
+  critic: TrainState | None   # None for the critic-free estimators (grpo, rloo, reinforce_pp)
 
 
 # --- forward passes over [prompt | response] ------------------------------------
@@ -122,17 +122,6 @@ def response_values(config: MistralConfig, params, r: Rollout, P: int):
   v = Mistral(config, head="scalar").apply({"params": params}, r.seq, positions=r.positions,
                                            attention_mask=r.valid, head_columns=(P - 1, P + N - 1))
   return jnp.where(r.mask, v, 0.0)
-
-
-def rm_score(config: MistralConfig, params, seq, valid, positions, last_col):
-  """The reward model's scalar at the last response token (the end-of-turn token).
-
-  The params are an argument, not a closure: a closed-over 7B reward model
-  would be baked into the compiled program as constants.
-  """
-  v = Mistral(config, head="scalar").apply({"params": params}, seq, positions=positions,
-                                           attention_mask=valid)
-  return jnp.take_along_axis(v, last_col[:, None], axis=1)[:, 0]
 
 
 def sequence_kl(actor_cfg, actor_params, ref_cfg, ref_params, r: Rollout, P: int,
@@ -205,16 +194,24 @@ def score(ref_cfg, ref_params, critic_cfg, critic_params, reward, reward_params,
     extra["sampler_logp_error"] = jnp.max(jnp.where(r.mask, jnp.abs(logp - r.logp), 0.0))
     r = r._replace(logp=logp)
   ref_logp, _ = response_logprobs(ref_cfg, ref_params, r, P, hp.temperature)
-  values = response_values(critic_cfg, critic_params, r, P)
+  critic_free = critic_params is None
+  values = (jnp.zeros_like(r.logp) if critic_free
+            else response_values(critic_cfg, critic_params, r, P))
   raw_score, seq_score = sequence_scores(reward, reward_params, r, P=P, hp=hp)
   kl = jnp.where(r.mask, rl.kl_penalty(r.logp, ref_logp, hp.kl_estimator), 0.0)
-  rewards = rl.token_rewards(seq_score, kl, r.mask, kl_coef)
-  raw_adv, returns = rl.gae_advantages(rewards, values, r.mask, hp.gamma, hp.lam)
-  adv = rl.masked_whiten(raw_adv, r.mask) if hp.whiten_advantages else raw_adv
+  raw_adv, adv, returns = rl.estimate_advantages(
+      hp.advantage, score=seq_score, kl=kl, values=values, mask=r.mask,
+      beta=kl_coef if hp.kl_in == "reward" else 0.0, gamma=hp.gamma, lam=hp.lam,
+      group_size=hp.samples_per_prompt, whiten=hp.whiten_advantages,
+      std_normalize=hp.grpo_std_normalize)
   exp = Experience(rollout=r, ref_logp=ref_logp, values=values, advantages=adv,
                    returns=returns, score=seq_score, kl=kl)
   k3 = jnp.where(r.mask, rl.kl_penalty(r.logp, ref_logp, "k3"), 0.0)
-  return exp, {**experience_metrics(exp, raw_score, raw_adv, k3), **extra}
+  metrics = experience_metrics(exp, raw_score, raw_adv, k3)
+  if critic_free:
+    for k in ("explained_variance", "value_mean"):
+      del metrics[k]
+  return exp, {**metrics, **extra}
 
 
 def experience_metrics(exp: Experience, raw_score, raw_adv, k3) -> dict:
@@ -242,32 +239,45 @@ def experience_metrics(exp: Experience, raw_score, raw_adv, k3) -> dict:
   }
 
 
-def update(actor_cfg, critic_cfg, actor_tx, critic_tx, actor: TrainState, critic: TrainState,
-           exp: Experience, key, *, P: int, hp):
-  """E epochs x M shuffled minibatches of clipped policy and value losses.
+def update(actor_cfg, critic_cfg, actor_tx, critic_tx, actor: TrainState,
+           critic: TrainState | None, exp: Experience, kl_coef, key, *, P: int, hp):
+  """E epochs x M shuffled minibatches of the clipped policy loss (plus `kl_coef` x the KL
+  to the reference when `hp.kl_in == "loss"`) and, with a critic, the clipped value loss;
+  each reduced by `hp.loss_agg`. With `hp.unfinished == "mask"` responses that never ended
+  are left out of the policy loss (NeMo-Aligner's `is_end` mask; the value loss keeps them).
 
   Returns the new states and the per-minibatch statistics, each [E, M] (the
   first minibatch of the first epoch sees the rollout policy itself: ratio 1),
-  plus the actor's and critic's param norms after the update.
+  plus the param norms after the update.
   """
   B = exp.rollout.seq.shape[0]
   M = hp.num_minibatches
-  rows = dict(seq=exp.rollout.seq, valid=exp.rollout.valid, positions=exp.rollout.positions,
-              mask=exp.rollout.mask, logp=exp.rollout.logp, values=exp.values,
+  r = exp.rollout
+  policy_mask = r.mask & r.stopped[:, None] if hp.unfinished == "mask" else r.mask
+  rows = dict(seq=r.seq, valid=r.valid, positions=r.positions, mask=r.mask,
+              policy_mask=policy_mask, logp=r.logp, ref_logp=exp.ref_logp, values=exp.values,
               advantages=exp.advantages, returns=exp.returns)
 
   def actor_loss(params, mb):
     r = Rollout(mb["seq"], mb["valid"], mb["positions"], mb["mask"], mb["logp"], None, None)
     logp, entropy = response_logprobs(actor_cfg, params, r, P, hp.temperature,
                                       with_entropy=True)
-    loss, stats = rl.policy_loss(logp, mb["logp"], mb["advantages"], mb["mask"], hp.clip_eps)
-    ent = rl.masked_mean(entropy, mb["mask"])
-    return loss - hp.entropy_coef * ent, {"policy_loss": loss, "entropy": ent, **stats}
+    mask = mb["policy_mask"]
+    loss, stats = rl.policy_loss(logp, mb["logp"], mb["advantages"], mask, hp.clip_eps,
+                                 hp.loss_agg)
+    ent = rl.aggregate(entropy, mask, hp.loss_agg)
+    total = loss - hp.entropy_coef * ent
+    if hp.kl_in == "loss":
+      kl = rl.aggregate(rl.kl_penalty(logp, mb["ref_logp"], hp.kl_estimator), mask, hp.loss_agg)
+      total = total + kl_coef * kl
+      stats["kl_loss"] = kl
+    return total, {"policy_loss": loss, "entropy": ent, **stats}
 
   def critic_loss(params, mb):
     r = Rollout(mb["seq"], mb["valid"], mb["positions"], mb["mask"], None, None, None)
     values = response_values(critic_cfg, params, r, P)
-    loss, stats = rl.value_loss(values, mb["values"], mb["returns"], mb["mask"], hp.value_clip)
+    loss, stats = rl.value_loss(values, mb["values"], mb["returns"], mb["mask"], hp.value_clip,
+                                hp.loss_agg)
     return hp.vf_coef * loss, {"value_loss": loss, **stats}
 
   def apply(state, tx, grads):
@@ -277,11 +287,13 @@ def update(actor_cfg, critic_cfg, actor_tx, critic_tx, actor: TrainState, critic
 
   def minibatch_step(carry, mb):
     actor, critic = carry
-    (_, a_stats), a_grads = jax.value_and_grad(actor_loss, has_aux=True)(actor.params, mb)
-    (_, c_stats), c_grads = jax.value_and_grad(critic_loss, has_aux=True)(critic.params, mb)
-    stats = {**a_stats, **c_stats, "actor_grad_norm": optax.global_norm(a_grads),
-             "critic_grad_norm": optax.global_norm(c_grads)}
-    return (apply(actor, actor_tx, a_grads), apply(critic, critic_tx, c_grads)), stats
+    (_, stats), a_grads = jax.value_and_grad(actor_loss, has_aux=True)(actor.params, mb)
+    stats["actor_grad_norm"] = optax.global_norm(a_grads)
+    if critic is not None:
+      (_, c_stats), c_grads = jax.value_and_grad(critic_loss, has_aux=True)(critic.params, mb)
+      stats.update(c_stats, critic_grad_norm=optax.global_norm(c_grads))
+      critic = apply(critic, critic_tx, c_grads)
+    return (apply(actor, actor_tx, a_grads), critic), stats
 
   def epoch_step(carry, k):
     perm = jax.random.permutation(jax.random.wrap_key_data(k), B)
@@ -290,8 +302,9 @@ def update(actor_cfg, critic_cfg, actor_tx, critic_tx, actor: TrainState, critic
 
   keys = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(key), hp.ppo_epochs))
   (actor, critic), stats = jax.lax.scan(epoch_step, (actor, critic), keys)
-  stats.update(actor_param_norm=optax.global_norm(actor.params),
-               critic_param_norm=optax.global_norm(critic.params))
+  stats["actor_param_norm"] = optax.global_norm(actor.params)
+  if critic is not None:
+    stats["critic_param_norm"] = optax.global_norm(critic.params)
   return actor, critic, stats
 
 
@@ -307,10 +320,10 @@ def summarize_update(stats: dict) -> dict:
 # --- the models and the state ---------------------------------------------------
 
 class Models(NamedTuple):
-  """The four models on the mesh. The two that train (actor, critic) live in `PPOState`;
-  here are their configs and the two frozen ones."""
+  """The models on the mesh (four with GAE's critic, three without). The ones that train
+  (actor, critic) live in `PPOState`; here are their configs and the frozen two."""
   actor_cfg: MistralConfig
-  critic_cfg: MistralConfig
+  critic_cfg: MistralConfig | None
   ref_cfg: MistralConfig
   ref_params: Any
   ref_shardings: Any
@@ -328,10 +341,10 @@ def _with(cfg, **changes):
 
 
 def load_models(cfg, mesh, *, reward_fn: RewardFn | None = None):
-  """Actor and reference from `cfg.actor_init` (the SFT model), critic from
+  """Actor and reference from `cfg.actor_init` (the SFT model), critic (GAE only) from
   `cfg.critic_init` or the reward model, reward model from `cfg.rm_init` (or `reward_fn`),
   all created or restored directly on `mesh`; the frozen two in `cfg.frozen_dtype`.
-  Returns (Models, (actor params, shardings), (critic params, shardings))."""
+  Returns (Models, (actor params, shardings), (critic params, shardings) or None)."""
   if reward_fn is None and not cfg.rm_init:
     raise ValueError("config.rm_init: a reward model directory is required (the output "
                      "directory of launch.train_rm, or an HF sequence-classification model)")
@@ -345,32 +358,36 @@ def load_models(cfg, mesh, *, reward_fn: RewardFn | None = None):
   frozen_cfg = _with(cfg, **frozen)
   ref_cfg, ref_params, ref_sh = common.load_or_init(
       frozen_cfg, mesh, head="lm", init_from=cfg.actor_init, seed=seed)
-  critic_cfg, critic_params, critic_sh = common.load_or_init(
-      cfg, mesh, head="scalar", init_from=cfg.critic_init or cfg.rm_init, seed=seed + 1,
-      allow_head_change=True)
+  critic_cfg, critic = None, None
+  if cfg.ppo.advantage == "gae":
+    critic_cfg, critic_params, critic_sh = common.load_or_init(
+        cfg, mesh, head="scalar", init_from=cfg.critic_init or cfg.rm_init, seed=seed + 1,
+        allow_head_change=True)
+    critic = (critic_params, critic_sh)
   if reward_fn is None:
     rm_cfg, reward_params, reward_sh = common.load_or_init(
         frozen_cfg, mesh, head="scalar", init_from=cfg.rm_init, seed=seed)
-    reward = functools.partial(rm_score, rm_cfg)
+    reward = lambda params, seq, valid, positions, last_col: scoring.rm_scores_at(
+        rm_cfg, params, seq, valid, last_col, positions)
   else:
     reward_params, reward_sh = {}, {}
     reward = lambda _, *args: reward_fn(*args)
   models = Models(actor_cfg, critic_cfg, ref_cfg, ref_params, ref_sh, reward, reward_params,
                   reward_sh)
-  return models, (actor_params, actor_sh), (critic_params, critic_sh)
+  return models, (actor_params, actor_sh), critic
 
 
 def init_state(cfg, mesh, actor, critic):
   """The first `PPOState` (AdamW states, the run's key) and its shardings, from the (params,
-  shardings) pairs of `load_models`. Also returns the two optimizers."""
+  shardings) pairs of `load_models` (critic None: no critic). Also returns the optimizers."""
   hp = cfg.ppo
   total_updates = cfg.iterations * hp.ppo_epochs * hp.num_minibatches
   actor_tx, _ = make_optimizer(cfg.actor_optim, total_updates)
-  critic_tx, _ = make_optimizer(cfg.critic_optim, total_updates)
-  (actor_params, actor_param_sh), (critic_params, critic_param_sh) = actor, critic
-  actor_state, actor_sh = create_state(actor_params, actor_tx, actor_param_sh, mesh, cfg.seed)
-  critic_state, critic_sh = create_state(critic_params, critic_tx, critic_param_sh, mesh,
-                                         cfg.seed + 1)
+  actor_state, actor_sh = create_state(*actor[:1], actor_tx, actor[1], mesh, cfg.seed)
+  critic_tx = critic_state = critic_sh = None
+  if critic is not None:
+    critic_tx, _ = make_optimizer(cfg.critic_optim, total_updates)
+    critic_state, critic_sh = create_state(critic[0], critic_tx, critic[1], mesh, cfg.seed + 1)
   state = PPOState(actor=actor_state, critic=critic_state)
   shardings = PPOState(actor=actor_sh, critic=critic_sh)
   return state, shardings, (actor_tx, critic_tx)
@@ -408,13 +425,15 @@ class Iteration:
     if self.P + self.N > actor_cfg.max_position_embeddings:
       raise ValueError(f"max_prompt_len={self.P} + ppo.max_new_tokens={self.N} exceeds the "
                        f"model's max_position_embeddings={actor_cfg.max_position_embeddings}")
-    B = cfg.rollout_batch_size
+    # Rows of a rollout: each prompt's `samples_per_prompt` responses side by side.
+    self.group = hp.samples_per_prompt
+    self.rows = B = cfg.rollout_batch_size * self.group
     if B % hp.num_minibatches:
-      raise ValueError(f"rollout_batch_size={B} must be a multiple of ppo.num_minibatches="
-                       f"{hp.num_minibatches}")
+      raise ValueError(f"rollout_batch_size x ppo.samples_per_prompt = {B} responses must be a "
+                       f"multiple of ppo.num_minibatches={hp.num_minibatches}")
     dp = parallel.data_parallel_size(mesh)
     if B % dp or (B // hp.num_minibatches) % dp:
-      raise ValueError(f"rollout_batch_size={B} and its minibatches of "
+      raise ValueError(f"the {B} responses of an iteration and their minibatches of "
                        f"{B // hp.num_minibatches} must be multiples of the data-parallel "
                        f"size {dp}")
     self.kl = rl.KLController(hp.init_kl_coef, adaptive=hp.adaptive_kl, target=hp.target_kl,
@@ -435,6 +454,7 @@ class Iteration:
     rows = lambda nd: parallel.batch_sharding(mesh, nd)
     replicated = self.replicated
     actor_sh, critic_sh = shardings.actor, shardings.critic
+    critic_params_sh = critic_sh.params if critic_sh is not None else None
     roll_sh = Rollout(rows(2), rows(2), rows(2), rows(2), rows(2), rows(1), rows(1))
     exp_sh = Experience(roll_sh, rows(2), rows(2), rows(2), rows(2), rows(1), rows(2))
 
@@ -448,12 +468,12 @@ class Iteration:
         lambda actor, ref, critic, reward_params, r, beta: score(
             m.ref_cfg, ref, m.critic_cfg, critic, m.reward, reward_params, r, beta,
             P=P, hp=hp, actor_cfg=m.actor_cfg, actor_params=actor),
-        in_shardings=(actor_sh.params, m.ref_shardings, critic_sh.params, m.reward_shardings,
+        in_shardings=(actor_sh.params, m.ref_shardings, critic_params_sh, m.reward_shardings,
                       roll_sh, replicated),
         out_shardings=(exp_sh, replicated))
     self.update_fn = jax.jit(
         functools.partial(update, m.actor_cfg, m.critic_cfg, *optimizers, P=P, hp=hp),
-        in_shardings=(actor_sh, critic_sh, exp_sh, replicated),
+        in_shardings=(actor_sh, critic_sh, exp_sh, replicated, replicated),
         out_shardings=(actor_sh, critic_sh, replicated),
         donate_argnums=(0, 1), compiler_options=gradient_program_options())
     # Small programs that hand results to the host, replicated so every process
@@ -467,7 +487,7 @@ class Iteration:
     self.gather_fn = jax.jit(lambda x: x, out_shardings=replicated)
 
   def _sampling_params(self, greedy: bool) -> sampling.SamplingParams:
-    B = self.cfg.rollout_batch_size
+    B = self.rows
     return sampling.make_sampling_params(
         B, B, greedy=greedy, temperature=self.hp.temperature, max_new_tokens=self.N,
         stop_sequences=[self.eot_ids], seed=0)
@@ -485,9 +505,15 @@ class Iteration:
   def _put_tree(self, tree):
     return jax.tree_util.tree_map(self.put, tree)
 
-  def put_batch(self, batch: dict) -> dict:
+  def put_prompts(self, batch: dict) -> dict:
     """Host prompt rows (the same on every process) -> the global batch on the mesh."""
     return {k: self.put(batch[k]) for k in ("ids", "length")}
+
+  def put_batch(self, batch: dict) -> dict:
+    """`rollout_batch_size` host prompts -> the rollout's rows on the mesh: each prompt
+    `samples_per_prompt` times, side by side (the group estimators' layout)."""
+    return self.put_prompts({k: np.repeat(np.asarray(batch[k]), self.group, axis=0)
+                             for k in ("ids", "length")})
 
   def __call__(self, state: PPOState, batch: dict) -> tuple[PPOState, dict]:
     """Rollout -> score -> update. Raises `NonFiniteError` before the update if a reward
@@ -499,20 +525,21 @@ class Iteration:
     jax.block_until_ready(r)
     t1 = time.perf_counter()
     kl_coef = self.kl.value
-    exp, exp_metrics = self.score_fn(state.actor.params, self.models.ref_params,
-                                     state.critic.params, self.models.reward_params, r,
-                                     self.put_replicated(np.float32(kl_coef)))
+    beta = self.put_replicated(np.float32(kl_coef))
+    critic_params = state.critic.params if state.critic is not None else None
+    exp, exp_metrics = self.score_fn(state.actor.params, self.models.ref_params, critic_params,
+                                     self.models.reward_params, r, beta)
     exp_metrics = {k: float(v) for k, v in jax.device_get(exp_metrics).items()}
     t2 = time.perf_counter()
     bad = [k for k in ("rm_score_mean", "kl_per_sequence", "value_mean")
-           if not math.isfinite(exp_metrics[k])]
+           if k in exp_metrics and not math.isfinite(exp_metrics[k])]
     if bad:
       raise NonFiniteError(
           f"non-finite {', '.join(f'{k}={exp_metrics[k]}' for k in bad)} in the rollout's "
           "rewards; the update was not applied. Check the reward model (or reward_fn) for NaN "
           "scores")
     actor, critic, upd = self.update_fn(state.actor.replace(rng=next_rng), state.critic, exp,
-                                        update_key)
+                                        beta, update_key)
     upd = jax.device_get(upd)
     t3 = time.perf_counter()
     self.last_experience, self.last_update_stats = exp, upd
@@ -520,7 +547,7 @@ class Iteration:
     metrics.update(rollout_seconds=t1 - t0, score_seconds=t2 - t1, update_seconds=t3 - t2,
                    rollout_tokens_per_sec=exp_metrics["response_tokens"] / max(t1 - t0, 1e-9),
                    kl_coef=kl_coef)
-    self.kl.update(metrics["kl_per_sequence"], self.cfg.rollout_batch_size)
+    self.kl.update(metrics["kl_per_sequence"], self.rows)
     return PPOState(actor=actor, critic=critic), metrics
 
   def evaluate(self, state: PPOState, rows: list[dict]) -> dict:
@@ -530,12 +557,12 @@ class Iteration:
     if not rows:
       return {}
     scores, lengths, stopped, kls = [], [], [], []
-    B = self.cfg.rollout_batch_size
+    B = self.rows
     for i in range(0, len(rows), B):
       chunk = rows[i:i + B]
       n = len(chunk)
-      batch = self.put_batch({k: np.stack([r[k] for r in chunk + [chunk[-1]] * (B - n)])
-                              for k in ("ids", "length")})
+      batch = self.put_prompts({k: np.stack([r[k] for r in chunk + [chunk[-1]] * (B - n)])
+                                for k in ("ids", "length")})
       r = self.rollout_fn(state.actor.params, batch["ids"], batch["length"], self.eval_sp,
                           self.eval_key)
       s, lens, stop, kl = jax.device_get(self.eval_fn(
@@ -562,8 +589,9 @@ class Iteration:
 
 
 def build(cfg, mesh, tokenizer: Tokenizer, *, reward_fn: RewardFn | None = None):
-  """Models, first state and compiled iteration for `cfg`. Returns (Iteration, PPOState,
-  its shardings)."""
+  """Models, first state and compiled iteration for `cfg` (its values checked first, as
+  `run_ppo` does). Returns (Iteration, PPOState, its shardings)."""
+  preflight.require(preflight.value_problems("ppo", cfg), "ppo config")
   models, actor, critic = load_models(cfg, mesh, reward_fn=reward_fn)
   state, shardings, optimizers = init_state(cfg, mesh, actor, critic)
   return Iteration(cfg, mesh, tokenizer, models, shardings, optimizers), state, shardings
@@ -665,7 +693,8 @@ def run_ppo(cfg, workdir: str, *, reward_fn: RewardFn | None = None, force: bool
                           vocab_size=iteration.models.actor_cfg.vocab_size)
   # Param norms are guarded against the models PPO starts from (a resumed run restores them).
   guard.set_base_norm("actor_param_norm", float(optax.global_norm(state.actor.params)))
-  guard.set_base_norm("critic_param_norm", float(optax.global_norm(state.critic.params)))
+  if state.critic is not None:
+    guard.set_base_norm("critic_param_norm", float(optax.global_norm(state.critic.params)))
   samples_path = os.path.join(workdir, "samples.jsonl")
 
   def log_samples(it, _state, _metrics):

@@ -1,8 +1,10 @@
-"""PPO maths: KL estimators, per-token rewards, GAE, whitening, clipped losses.
+"""RL maths: KL estimators, per-token rewards, advantage estimators (GAE, GRPO, RLOO,
+REINFORCE++), whitening, loss aggregation, clipped losses.
 
-Pure functions on [B, T] (batch-major) arrays with a validity mask; GAE runs
-time-major inside. Kept apart from the stage runner so tests can check each
-formula against a plain NumPy/Python version.
+Pure functions on [B, T] (batch-major) arrays with a validity mask; the reverse scans run
+time-major inside. Group estimators see the rows of one prompt's G samples next to each
+other (row i * G + g). Kept apart from the stage runner so tests can check each formula
+against a plain NumPy/Python version.
 """
 
 from __future__ import annotations
@@ -11,21 +13,28 @@ import jax
 import jax.numpy as jnp
 
 
+KL_ESTIMATORS = ("k1", "abs", "k2", "k3")
+ADVANTAGES = ("gae", "grpo", "rloo", "reinforce_pp")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
 def kl_penalty(logp: jax.Array, ref_logp: jax.Array, estimator: str = "abs") -> jax.Array:
   """Per-token KL(actor || ref) estimate from sampled tokens' log-probs.
 
-  k1: log r;  abs: |log r| (NeMo-Aligner's default);  k3: (r - 1) - log r with
-  r = p_ref / p_actor evaluated at the actor's sample (Schulman's unbiased,
-  non-negative estimator).
+  With log r = log p_actor - log p_ref at the actor's sample: k1: log r; abs: |log r|
+  (NeMo-Aligner's default); k2: (log r)^2 / 2 (its gradient is k1's score-function
+  gradient); k3: 1/r - 1 + log r (Schulman's unbiased, non-negative estimator, GRPO's).
   """
   log_ratio = logp - ref_logp
   if estimator == "k1":
     return log_ratio
   if estimator == "abs":
     return jnp.abs(log_ratio)
+  if estimator == "k2":
+    return 0.5 * jnp.square(log_ratio)
   if estimator == "k3":
     return jnp.expm1(-log_ratio) + log_ratio
-  raise ValueError(f"kl estimator must be k1, abs or k3, got {estimator!r}")
+  raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
 
 
 def token_rewards(score: jax.Array, kl: jax.Array, mask: jax.Array, beta) -> jax.Array:
@@ -72,6 +81,91 @@ def gae_advantages(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma
   return adv, returns
 
 
+def discounted_returns(rewards: jax.Array, mask: jax.Array, gamma: float) -> jax.Array:
+  """G_t = r_t + gamma * G_{t+1} over valid steps (a masked step carries G through), 0 after
+  the last valid token; zero on masked steps. [B, T] -> [B, T]."""
+  mask = mask.astype(bool)
+
+  def step(next_return, x):
+    r, m = x
+    g = r + gamma * next_return
+    return jnp.where(m, g, next_return), jnp.where(m, g, 0.0)
+
+  _, returns = jax.lax.scan(step, jnp.zeros(rewards.shape[0], rewards.dtype),
+                            (rewards.T, mask.T), reverse=True)
+  return returns.T
+
+
+def group_advantages(scores: jax.Array, group_size: int, method: str, *,
+                     std_normalize: bool = True, eps: float = 1e-4) -> jax.Array:
+  """One advantage per response [B*G] from the scores of each prompt's G responses.
+
+  grpo: (s - group mean) / (group std + eps), the std with Bessel's correction as
+  GRPO's reference implementations take it; `std_normalize=False` keeps s - mean
+  (Dr. GRPO). rloo: s minus the mean of the group's other G - 1 scores.
+  """
+  s = scores.reshape(-1, group_size)
+  if method == "grpo":
+    centred = s - s.mean(axis=1, keepdims=True)
+    if std_normalize:
+      centred = centred / (jnp.std(s, axis=1, keepdims=True, ddof=1) + eps)
+    return centred.reshape(-1)
+  if method == "rloo":
+    baseline = (s.sum(axis=1, keepdims=True) - s) / (group_size - 1)
+    return (s - baseline).reshape(-1)
+  raise ValueError(f"group advantage method must be grpo or rloo, got {method!r}")
+
+
+def aggregate(x: jax.Array, mask: jax.Array, how: str = "token_mean") -> jax.Array:
+  """A per-token loss [B, T] reduced to a scalar over the valid tokens.
+
+  token_mean: sum / number of valid tokens in the batch. seq_mean_token_mean: each row's
+  token mean, averaged over the B rows (a row with no valid token counts 0), which is what
+  NeMo-Aligner's per-micro-batch mean gives with its default micro-batch of one sequence.
+  seq_mean_token_sum_norm: each row's token sum divided by T, averaged over rows (Dr. GRPO:
+  no length bias from a per-row normaliser).
+  """
+  mask = mask.astype(bool)
+  x = jnp.where(mask, x, 0.0)
+  if how == "token_mean":
+    return x.sum() / jnp.maximum(mask.sum(), 1).astype(x.dtype)
+  if how == "seq_mean_token_mean":
+    per_row = x.sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1).astype(x.dtype)
+    return per_row.mean()
+  if how == "seq_mean_token_sum_norm":
+    return (x.sum(axis=1) / x.shape[1]).mean()
+  raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {how!r}")
+
+
+def estimate_advantages(method: str, *, score: jax.Array, kl: jax.Array, values: jax.Array,
+                        mask: jax.Array, beta, gamma: float, lam: float, group_size: int = 1,
+                        whiten: bool = True, std_normalize: bool = True):
+  """(raw advantages, advantages the loss uses, returns), each [B, T] and zero off `mask`.
+
+  The reward is the sequence `score` [B] minus `beta` x the per-token KL estimate `kl` (pass
+  beta = 0 when the KL goes into the loss instead). gae: per-token rewards, GAE against the
+  critic's `values`, whitened over the batch if `whiten`. reinforce_pp (REINFORCE++): the
+  same per-token rewards, discounted returns, always whitened over every valid token of the
+  batch; no critic. grpo / rloo: the sequence reward score - beta * sum_t KL_t, a group
+  baseline over each prompt's `group_size` responses (`group_advantages`), the same
+  advantage on every token of a response; no critic.
+  """
+  mask = mask.astype(bool)
+  if method in ("gae", "reinforce_pp"):
+    rewards = token_rewards(score, kl, mask, beta)
+    if method == "gae":
+      raw, returns = gae_advantages(rewards, values, mask, gamma, lam)
+      return raw, (masked_whiten(raw, mask) if whiten else raw), returns
+    raw = discounted_returns(rewards, mask, gamma)
+    return raw, masked_whiten(raw, mask), raw
+  if method in ("grpo", "rloo"):
+    sequence_reward = score - beta * jnp.sum(jnp.where(mask, kl, 0.0), axis=1)
+    per_row = group_advantages(sequence_reward, group_size, method, std_normalize=std_normalize)
+    raw = jnp.where(mask, per_row[:, None], 0.0)
+    return raw, raw, jnp.where(mask, sequence_reward[:, None], 0.0)
+  raise ValueError(f"advantage estimator must be one of {ADVANTAGES}, got {method!r}")
+
+
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   """Mean over valid entries; whatever sits under the mask (even NaN/Inf) is ignored."""
   mask = mask.astype(bool)
@@ -87,13 +181,14 @@ def masked_whiten(x: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Array
 
 
 def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
-                clip_eps: float):
-  """Clipped surrogate: mean over valid tokens of max(-A r, -A clip(r, 1-eps, 1+eps))."""
+                clip_eps: float, agg: str = "token_mean"):
+  """Clipped surrogate max(-A r, -A clip(r, 1-eps, 1+eps)) per token, reduced by `agg`
+  (`aggregate`); the statistics are token means."""
   log_ratio = logp - old_logp
   ratio = jnp.exp(log_ratio)
   unclipped = -advantages * ratio
   clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-  loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+  loss = aggregate(jnp.maximum(unclipped, clipped), mask, agg)
   stats = {
       "clip_fraction": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
       "approx_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio, mask),
@@ -103,10 +198,12 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
 
 
 def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array,
-               clip: float):
-  """0.5 * max((v - R)^2, (v_clipped - R)^2), v_clipped = v_old + clip(v - v_old, -c, c)."""
+               clip: float, agg: str = "token_mean"):
+  """0.5 * max((v - R)^2, (v_clipped - R)^2), v_clipped = v_old + clip(v - v_old, -c, c),
+  reduced by `agg`."""
   v_clipped = old_values + jnp.clip(values - old_values, -clip, clip)
-  loss = 0.5 * masked_mean(jnp.maximum((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
+  loss = 0.5 * aggregate(jnp.maximum((values - returns) ** 2, (v_clipped - returns) ** 2), mask,
+                         agg)
   frac = masked_mean((jnp.abs(values - old_values) > clip).astype(jnp.float32), mask)
   return loss, {"value_clip_fraction": frac}
 
