@@ -428,7 +428,11 @@ def pipeline_problems(cfg, stages: list[str], all_stages: tuple[str, ...]) -> li
   instruct models, the input data of every stage, templates and vocabularies.
   """
   c = Checker()
-  for stage in ("sl_cai", "sft", "hh", "rl_cai", "rm", "ppo", "evaluate"):
+  policy = cfg.get("policy_stage", "ppo")
+  if policy not in ("ppo", "dpo"):
+    c.add(f"policy_stage={policy!r}: must be 'ppo' or 'dpo'")
+    policy = "ppo"
+  for stage in ("sl_cai", "sft", "hh", "rl_cai", "rm", policy, "evaluate"):
     for problem in value_problems(stage, cfg[stage], stage):
       c.add(problem)
   if not cfg.base_model:
@@ -457,7 +461,7 @@ def pipeline_problems(cfg, stages: list[str], all_stages: tuple[str, ...]) -> li
 
   # One template for everything the pipeline trains, prompts and scores; the tiny base
   # model is trained (and then prompted by SL-CAI) with its own.
-  templates = {f"{s}.template": cfg[s].template for s in ("sft", "hh", "rl_cai", "rm", "ppo",
+  templates = {f"{s}.template": cfg[s].template for s in ("sft", "hh", "rl_cai", "rm", policy,
                                                           "evaluate")}
   for s in ("rl_cai", "evaluate"):
     if cfg[s].judge.kind == "local":

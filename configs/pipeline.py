@@ -25,11 +25,12 @@ Presets:
 
 import ml_collections
 
-from configs import models, ppo, process_hh, rl_cai, rm, sft, sl_cai
+from configs import dpo, models, ppo, process_hh, rl_cai, rm, sft, sl_cai
 from configs.common import backend_config
 
 STAGES = ("tokenizer", "chat_tokens", "base", "sl_cai", "sft", "hh", "rl_cai", "rm", "ppo",
-          "evaluate")
+          "dpo", "evaluate")
+POLICY_STAGES = ("ppo", "dpo")
 
 
 def evaluate_config(preset: str) -> ml_collections.ConfigDict:
@@ -58,6 +59,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.preset = preset
   c.stages = ",".join(STAGES)           # a subset, e.g. "rm,ppo,evaluate"
+  # The stage that turns the SFT model into the aligned policy: ppo (the RL stage, with any
+  # ppo.advantage estimator: gae, grpo, rloo, reinforce_pp) or dpo (on RL-CAI's comparisons);
+  # the other one is skipped, and evaluation compares whichever ran with base and SFT.
+  c.policy_stage = "ppo"
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.tokenizer = ""                      # "" (tiny): trained on tokenizer_corpus in the workdir;
                                         # a path: that SentencePiece model (the tiny model's
@@ -82,6 +87,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.rl_cai = rl_cai.get_config(preset)
   c.rm = rm.get_config(preset)
   c.ppo = ppo.get_config(preset)
+  c.dpo = dpo.get_config(preset)
   c.evaluate = evaluate_config(preset)
 
   if preset == "tiny":
@@ -101,6 +107,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # tuned on): a gentler actor and a firmer KL penalty keep the policy near the SFT model.
     c.ppo.actor_optim.lr = 2e-4
     c.ppo.ppo.init_kl_coef = 0.1
+    c.dpo.max_seq_len = 192
+    c.dpo.num_epochs = 2
+    c.dpo.optim.lr = 2e-4                # from the SFT model, not from scratch
+    c.dpo.optim.min_lr = 2e-5
   elif preset == "mistral_7b":
     c.tokenizer_corpus = ""
     # One command, no servers: SL-CAI generates in process with the instruct model.

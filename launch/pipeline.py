@@ -5,7 +5,8 @@
         --config.base_model=HF_MISTRAL_7B --config.instruct_model=HF_MISTRAL_7B_INSTRUCT
 
 Stages (each in DIR/<stage>, each reading the previous stages' outputs):
-tokenizer -> base (tiny only) -> sl_cai -> sft -> hh -> rl_cai -> rm -> ppo -> evaluate.
+tokenizer -> base (tiny only) -> sl_cai -> sft -> hh -> rl_cai -> rm -> ppo or dpo
+(`policy_stage`) -> evaluate.
 This file only chains them: it wires each stage's inputs to the earlier
 stages' outputs and runs them in order. `cai_jax.stages` decides whether a
 stage is skipped (its manifest says it completed with the same config and
@@ -153,7 +154,7 @@ class Pipeline:
       _set(cfg.rl_cai, "judge.url", cfg.judge_url)
     _set(cfg.rl_cai, "blend_with", self.dir("hh"))
     self.run_stage("rl_cai", cfg.rl_cai, run_rl_cai)
-    if not any(s in self.stages for s in ("rm", "ppo", "evaluate")):
+    if not any(s in self.stages for s in ("rm", "ppo", "dpo", "evaluate")):
       return self.results
     files = self._preference_files()
 
@@ -165,24 +166,34 @@ class Pipeline:
     _set(cfg.rm, "mesh", cfg.mesh, only_if_empty=False)
     self.run_stage("rm", cfg.rm, run_rm)
 
-    from cai_jax.train.ppo import run_ppo
-    _set(cfg.ppo, "tokenizer", tok)
-    _set(cfg.ppo, "actor_init", self.model("sft"))
-    _set(cfg.ppo, "rm_init", self.model("rm"))
-    _set(cfg.ppo, "train_prompts", files["train"]["prompts"])
-    _set(cfg.ppo, "val_prompts", files["test"]["prompts"])
-    _set(cfg.ppo, "mesh", cfg.mesh, only_if_empty=False)
-    self.run_stage("ppo", cfg.ppo, run_ppo)
+    policy = cfg.policy_stage
+    if policy == "ppo":
+      from cai_jax.train.ppo import run_ppo
+      _set(cfg.ppo, "tokenizer", tok)
+      _set(cfg.ppo, "actor_init", self.model("sft"))
+      _set(cfg.ppo, "rm_init", self.model("rm"))
+      _set(cfg.ppo, "train_prompts", files["train"]["prompts"])
+      _set(cfg.ppo, "val_prompts", files["test"]["prompts"])
+      _set(cfg.ppo, "mesh", cfg.mesh, only_if_empty=False)
+      self.run_stage("ppo", cfg.ppo, run_ppo)
+    else:
+      from cai_jax.train.dpo import run_dpo
+      _set(cfg.dpo, "tokenizer", tok)
+      _set(cfg.dpo, "init_from", self.model("sft"))
+      _set(cfg.dpo, "train_file", files["train"]["comparisons"])
+      _set(cfg.dpo, "test_file", files["test"]["comparisons"])
+      _set(cfg.dpo, "mesh", cfg.mesh, only_if_empty=False)
+      self.run_stage("dpo", cfg.dpo, run_dpo)
 
     models = {"base": instruct if not self.tiny else base, "sft": self.model("sft"),
-              "ppo": self.model("ppo")}
+              policy: self.model(policy)}
     ev = cfg.evaluate
     if ev.judge.kind == "local":
       _set(ev, "judge.model_dir", self.model("sft"))
       _set(ev, "judge.tokenizer", tok)
     elif cfg.judge_url:
       _set(ev, "judge.url", cfg.judge_url)
-    stage_dirs = {s: self.dir(s) for s in ("base", "sft", "rm", "ppo")}
+    stage_dirs = {s: self.dir(s) for s in ("base", "sft", "rm", policy)}
 
     def evaluate(stage_cfg, out_dir):
       from cai_jax.cai.evaluate import run_evaluate
@@ -213,13 +224,15 @@ def headline(results: dict, workdir: str) -> str:
     if isinstance(where, dict):
       where = json.dumps(where)[:100]
     lines.append(f"  {name:10s} {r.get('seconds', 0):6.0f}s  {where}")
-  sft, rm, ppo, ev = (results.get(k) or {} for k in ("sft", "rm", "ppo", "evaluate"))
+  sft, rm, ppo, dpo, ev = (results.get(k) or {} for k in ("sft", "rm", "ppo", "dpo", "evaluate"))
   lines.append("")
   if sft:
     val_loss = sft.get("final_eval", {}).get("val_loss", float("nan"))
     lines.append(f"  SFT      val loss {val_loss:.3f}")
   if rm:
     lines.append(f"  RM       test accuracy {rm.get('test_accuracy') or float('nan'):.3f}")
+  if dpo:
+    lines.append(f"  DPO      test preference accuracy {dpo.get('test_accuracy') or float('nan'):.3f}")
   if ppo:
     first, last = ppo.get("first_eval") or {}, ppo.get("final_eval") or {}
     lines.append(f"  PPO      held-out reward {first.get('eval_score_mean', float('nan')):.3f} -> "

@@ -68,6 +68,21 @@ def test_tiny_pipeline_end_to_end_then_rerun_skips(tmp_path):
     assert f"[pipeline] {stage}: complete, skipped" in again.stdout, again.stdout
   assert re.search(r"^I\d{4} .*JAX .*process 0/1", again.stderr, re.M), again.stderr[-2000:]
 
+  # The other policy stages on the same upstream outputs: only they and evaluate run.
+  dpo = pipeline(tmp_path, "--config.policy_stage=dpo", timeout=900)
+  assert dpo.returncode == 0, dpo.stderr[-3000:]
+  assert "[pipeline] rm: complete, skipped" in dpo.stdout
+  assert re.search(r"\[pipeline\] dpo: done in \d+s: .*test_accuracy=", dpo.stdout), dpo.stdout
+  report = json.load(open(tmp_path / "evaluate" / "report.json"))
+  assert set(report["models"]) == {"base", "sft", "dpo"}
+  assert set(report["win_rates"]) == {"sft vs base", "dpo vs base", "dpo vs sft"}
+  grpo = pipeline(tmp_path, "--config.ppo.ppo.advantage=grpo",
+                  "--config.ppo.ppo.samples_per_prompt=2", timeout=900)
+  assert grpo.returncode == 0, grpo.stderr[-3000:]
+  assert "[pipeline] ppo: done" in grpo.stdout and "[pipeline] rm: complete, skipped" in grpo.stdout
+  logged = [json.loads(line) for line in open(tmp_path / "ppo" / "metrics.jsonl")]
+  assert logged and not any("value_loss" in m for m in logged)      # no critic trained
+
 
 @pytest.mark.slow
 def test_pipeline_killed_mid_stage_resumes_without_duplicates(tmp_path):

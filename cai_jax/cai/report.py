@@ -18,6 +18,7 @@ CURVES = {
     "sft": [("train", "loss"), ("eval", "val_loss")],
     "rm": [("train", "loss"), ("train", "accuracy"), ("eval", "val_accuracy")],
     "ppo": [("train", "score_mean"), ("train", "kl_per_sequence"), ("eval", "eval_score_mean")],
+    "dpo": [("train", "loss"), ("train", "margin"), ("eval", "val_accuracy")],
 }
 
 
