@@ -102,11 +102,14 @@ def main(argv=None):
   parser.add_argument("--tokenizer", required=True)
   parser.add_argument("--train_prompts", required=True)
   parser.add_argument("--export_hf", type=int, default=0)
+  parser.add_argument("--advantage", default="gae")
+  parser.add_argument("--samples_per_prompt", type=int, default=1)
   args = parser.parse_args(argv)
   jax = loopback.join(args)
   assert jax.process_count() == args.num_processes and jax.local_device_count() == 2
   from cai_jax.train.ppo import run_ppo
-  cfg = make_config(args.tokenizer, args.train_prompts, export_hf=bool(args.export_hf))
+  cfg = make_config(args.tokenizer, args.train_prompts, export_hf=bool(args.export_hf), **{
+      "ppo.advantage": args.advantage, "ppo.samples_per_prompt": args.samples_per_prompt})
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 2, 2
   report = run_ppo(cfg, args.workdir, reward_fn=target_fraction_reward(cfg.max_prompt_len))
   print(f"SCORE {report['final_train']['score_mean']!r}", flush=True)

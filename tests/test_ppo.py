@@ -395,11 +395,14 @@ KILL_ITERATIONS = 30
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("estimator", [
+    (), ("--config.ppo.advantage=grpo", "--config.ppo.samples_per_prompt=2")],
+    ids=["gae", "grpo"])
 def test_sigkill_mid_run_then_resume_is_bit_exact(tmp_path, sp_model_path, prompt_files,
-                                                   model_dirs, train_compile_cache):
+                                                   model_dirs, train_compile_cache, estimator):
   """A real `kill -9` of `python -m launch.train_ppo` (from the SFT and RM
   directories), then the same command again, against the same command run
-  uninterrupted in the same one-device environment."""
+  uninterrupted in the same one-device environment; with PPO's critic and without (GRPO)."""
   import signal
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
          "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": train_compile_cache,
@@ -408,7 +411,8 @@ def test_sigkill_mid_run_then_resume_is_bit_exact(tmp_path, sp_model_path, promp
 
   def argv(workdir):
     return _cli(sp_model_path, prompt_files, workdir, **settings) + [
-        f"--config.actor_init={model_dirs['sft']}", f"--config.rm_init={model_dirs['rm']}"]
+        f"--config.actor_init={model_dirs['sft']}", f"--config.rm_init={model_dirs['rm']}",
+        *estimator]
 
   reference = tmp_path / "reference"
   done = subprocess.run(argv(reference), cwd=worker.REPO, env=env, capture_output=True,
