@@ -24,18 +24,24 @@ from launch.benchmark.hardware import decode_step_floor  # noqa: E402
 from launch.benchmark.workload import Shapes  # noqa: E402
 
 SHAPES = Shapes(model_batch=2, model_seq=16, gen_batches=(2,), gen_prompt=8, gen_new=4,
-                sft_batch=2, sft_seq=16, ppo_batch=2, ppo_prompt=8, ppo_new=4)
+                sft_batch=2, sft_seq=16, ppo_batch=2, ppo_prompt=8, ppo_new=4, grpo_prompts=2,
+                grpo_group=2, grpo_prompt=8, grpo_new=4, dpo_batch=2, dpo_prompt=8, dpo_reply=8)
 EXPECTED = {
     "model": ["forward tokens/s", "forward GFLOP/s", "fwd+bwd tokens/s", "fwd+bwd GFLOP/s"],
     "attention": ["xla forward ms", "xla forward+backward ms"],
     "generate": ["decode tok/s b2", "TTFT ms b2"],
     "sft": ["train tokens/s", "MFU %"],
     "ppo": ["rollout s", "score s", "update s", "iteration s", "rollout tok/s"],
+    "grpo": ["rollout s", "score s", "update s", "iteration s"],
+    "dpo": ["step s"],
 }
+# The modes `test_every_mode_on_tiny` runs; the preference-training modes have their own test.
+FIRST_MODES = ["model", "attention", "generate", "sft", "ppo"]
 # The GPU mode's code path on this CPU: tiny model, two decode batches, an extra SFT shape.
 GPU_SHAPES = Shapes(model_batch=2, model_seq=32, gen_batches=(1, 2), gen_prompt=8, gen_new=4,
                     sft_batch=2, sft_seq=16, sft_extra=((1, 32),), ppo_batch=2, ppo_prompt=8,
-                    ppo_new=4)
+                    ppo_new=4, grpo_prompts=2, grpo_group=2, grpo_prompt=8, grpo_new=4,
+                    dpo_batch=2, dpo_prompt=8, dpo_reply=8)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -56,8 +62,10 @@ def _check_rows(rows, modes, expected=EXPECTED, no_reference=()):
 
 
 def test_every_mode_on_tiny(tmp_path):
-  report = suite.run("all", preset="tiny", reps=1, shapes=SHAPES, workdir=str(tmp_path / "work"))
-  _check_rows(report["rows"], MODES)
+  assert MODES == (*FIRST_MODES, "grpo", "dpo")  # "all"
+  report = suite.run(FIRST_MODES, preset="tiny", reps=1, shapes=SHAPES,
+                     workdir=str(tmp_path / "work"))
+  _check_rows(report["rows"], FIRST_MODES)
 
   settings = report["settings"]
   assert set(settings["presets"].values()) == {"tiny"} and settings["reps"] == 1
@@ -91,7 +99,43 @@ def test_every_mode_on_tiny(tmp_path):
   report_lib.write_json(report, str(out))
   loaded = json.loads(out.read_text())
   assert loaded["rows"] == json.loads(json.dumps(report["rows"]))
-  assert set(loaded["results"]) == set(MODES)
+  assert set(loaded["results"]) == set(FIRST_MODES)
+
+
+def test_grpo_and_dpo_on_tiny(tmp_path):
+  """Both preference-training modes against TRL on one shared tiny model: the same ids on
+  both sides (the modes check TRL's generations, reward-model inputs and tokenized pairs
+  themselves and raise otherwise), the same reference log-probs, rows and table."""
+  report = suite.run(["grpo", "dpo"], preset="tiny", reps=1, shapes=SHAPES, device="cpu",
+                     workdir=str(tmp_path / "work"))
+  _check_rows(report["rows"], ["grpo", "dpo"])
+  rows = {(r["mode"], r["metric"]): r for r in report["rows"]}
+  assert rows["grpo", "iteration s"]["target"] == ">=2x"
+  assert rows["dpo", "step s"]["target"] == ">=1.5x"
+  for r in report["rows"]:
+    assert r["floor"] > 0 and 0 < r["of_floor"] < 1
+
+  grpo = report["results"]["grpo"]
+  assert (grpo["prompts"], grpo["group"], grpo["responses"]) == (2, 2, 4)
+  assert len(grpo["iterations"]["cai_jax"]) == len(grpo["iterations"]["trl"]) == 2
+  for it in grpo["iterations"]["cai_jax"] + grpo["iterations"]["trl"]:
+    assert set(it) == {"rollout", "score", "update"} and all(v > 0 for v in it.values())
+  trl = grpo["trl"]
+  assert trl["beta"] == grpo["hyperparameters"]["beta"] > 0 and trl["reference_model"]
+  assert trl["loss_type"] == "dapo" and trl["generation_batch_size"] == 4
+  assert not trl["gradient_checkpointing"] and not trl["bf16"]
+
+  dpo = report["results"]["dpo"]
+  assert (dpo["pairs"], dpo["seq_len"], dpo["rejected_reply_len"]) == (2, 16, 6)
+  assert len(dpo["seconds"]["cai_jax"]) == 1 and len(dpo["seconds"]["trl"]) == 2
+  assert dpo["trl"]["precompute_ref_log_probs"] and not dpo["trl"]["reference_model_in_step"]
+  # Same weights, same ids: the two reference passes agree to float32 rounding.
+  ref = dpo["reference_logps"]
+  assert ref["cai_jax"].shape == ref["trl"].shape == (2, 2)
+  assert ref["max_abs_difference"] < 1e-3 and abs(ref["cai_jax"]).min() > 1.0
+
+  table = report_lib.markdown_table(report)
+  assert "| grpo (TRL) | iteration s |" in table and "| dpo (TRL) | step s |" in table
 
 
 @pytest.mark.slow
@@ -112,15 +156,19 @@ def test_command_line(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_mode_code_path_on_cpu(tmp_path):
-  """`device="gpu"`: bf16, the extra SFT shape, decode rows against the roofline, PPO
-  without TRL, the attention implementations; on this CPU only its code path runs."""
-  report = suite.run(["attention", "generate", "sft", "ppo"], preset="tiny", reps=1,
-                     shapes=GPU_SHAPES, device="gpu", workdir=str(tmp_path / "work"))
+  """`device="gpu"`: bf16, the extra SFT shape, decode rows against the roofline, PPO,
+  GRPO and DPO without TRL, the attention implementations; on this CPU only its code
+  path runs."""
+  modes = ["attention", "generate", "sft", "ppo", "grpo", "dpo"]
+  report = suite.run(modes, preset="tiny", reps=1, shapes=GPU_SHAPES, device="gpu",
+                     workdir=str(tmp_path / "work"))
   expected = {**EXPECTED, "generate": ["decode tok/s b1", "TTFT ms b1", "decode tok/s b2",
                                        "TTFT ms b2"],
               "sft": ["train tokens/s", "MFU %", "train tokens/s B1xT32", "MFU % B1xT32"]}
-  no_ref = {("ppo", m) for m in ("rollout s", "score s", "update s", "iteration s")}
-  _check_rows(report["rows"], ["attention", "generate", "sft", "ppo"], expected, no_ref)
+  no_ref = {(m, k) for m in ("ppo", "grpo") for k in ("rollout s", "score s", "update s",
+                                                      "iteration s")}
+  no_ref.add(("dpo", "step s"))
+  _check_rows(report["rows"], modes, expected, no_ref)
   s = report["settings"]
   assert s["device"] == "gpu" and s["dtype"] == "bfloat16 compute"
   models = s["models"]
@@ -129,6 +177,8 @@ def test_gpu_mode_code_path_on_cpu(tmp_path):
   assert all(m["config"]["dtype"] == "bfloat16" for m in models.values())
   assert report["results"]["ppo"]["trl"] is None and report["results"]["ppo"]["dtype"] == \
       "bfloat16"
+  assert report["results"]["grpo"]["trl"] is None and report["results"]["dpo"]["trl"] is None
+  assert models["dpo"]["config"]["param_dtype"] == "float32"
   for b in (1, 2):
     r = report["results"]["generate"]["seconds"][f"b{b}"]
     assert r["floor_ms_per_step"] > 0 and "greedy_token_agreement" not in r

@@ -20,6 +20,12 @@ Modes, one module each (`workload.Shapes` holds the sizes; the defaults are BENC
             transformers + torch step with fused AdamW, as HF's Trainer uses).
   ppo       seconds per PPO iteration split into rollout / scoring / update
             (cai_jax's `ppo.Iteration` vs TRL 1.9.2's `trl.experimental.ppo.PPOTrainer`).
+  grpo      seconds per GRPO iteration by phase, the PPO mode's prompts and lengths with
+            4 responses per prompt, the same reward model and beta on both sides
+            (`ppo.Iteration` with `ppo.advantage = "grpo"` vs TRL's `GRPOTrainer`).
+  dpo       seconds per DPO train step on chosen + rejected in one forward with
+            precomputed reference log-probs (`cai_jax.train.dpo`'s loss in a compiled
+            train step vs TRL's `DPOTrainer` with `precompute_ref_log_probs=True`).
 
 Two device modes (`suite.run(device=...)`, `--device`); each one's presets, sizes and
 targets are in `targets.json`:
@@ -27,13 +33,14 @@ targets are in `targets.json`:
   gpu  bf16 compute (fp32 master weights for training, bf16 weights for decoding);
        `mistral_1b` for model/sft (B8 x T2048 and B4 x T4096), `mistral_7b` for
        decode at b1/b32/b128 (128-token prompts, 256 new), `small` for a PPO
-       iteration of 64 prompts x (64 + 128). The torch side runs on the same GPU
+       iteration of 64 prompts x (64 + 128) (GRPO: x 4 responses each; DPO: 32 pairs x
+       (256 + 256)). The torch side runs on the same GPU
        (bf16 autocast over fp32 weights for training, bf16 weights for decoding,
        sdpa attention, fused AdamW), its models built directly on the device with
        the same shapes and their own random weights (drawing, saving and loading a
        7B checkpoint on the host would cost more than the benchmark). TRL has no
-       GPU run here: PPO reports our phase split and compares the rollout with
-       `sampling.generate` on the same model and batch.
+       GPU run here: PPO and GRPO report our phase split (PPO also compares the
+       rollout with `sampling.generate` on the same model and batch), DPO our step.
 
 Ceilings are measured in the same run (`hardware.measure_ceilings`): the matmul peak
 (fp32 2048^3 on CPU, bf16 8192^3 on GPU) and memory bandwidth, printed beside the
@@ -51,4 +58,4 @@ This file imports nothing: `python -m launch.benchmark` runs it before `__main__
 must pin the CPU threads before jax, numpy or torch start.
 """
 
-MODES = ("model", "attention", "generate", "sft", "ppo")
+MODES = ("model", "attention", "generate", "sft", "ppo", "grpo", "dpo")

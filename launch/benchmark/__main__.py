@@ -6,15 +6,18 @@
 `--what`: model (forward, forward+backward vs torch), attention (the attention
 implementations alone against the einsum path), generate (greedy decode and
 TTFT vs transformers `generate`), sft (AdamW train step vs transformers+torch),
-ppo (seconds per PPO iteration by phase vs TRL 1.9.2), or all. Prints a
+ppo (seconds per PPO iteration by phase vs TRL 1.9.2), grpo (seconds per GRPO
+iteration by phase vs TRL's GRPOTrainer), dpo (seconds per DPO train step vs TRL's
+DPOTrainer), or all. Prints a
 markdown table (cai_jax, reference, speed-up, floor, target) on stdout, progress
 on stderr, and writes every timing plus versions and thread settings as JSON
 with `--out`. What each mode measures: `launch/benchmark/__init__.py` and the mode's
-module (`model.py`, `attention.py`, `generate.py`, `sft.py`, `ppo.py`); the presets, sizes
+module (`model.py`, `attention.py`, `generate.py`, `sft.py`, `ppo.py`, `grpo.py`,
+`dpo.py`); the presets, sizes
 and targets of each device mode: `launch/benchmark/targets.json`.
 
 `--device=gpu` (the default on a GPU backend) is the GPU mode: bf16, `mistral_1b`
-for model/sft, `mistral_7b` for decode at b1/b32/b128, `small` for PPO, the torch
+for model/sft, `mistral_7b` for decode at b1/b32/b128, `small` for PPO, GRPO and DPO, the torch
 side on the same GPU; `--preset` then overrides every mode's model. The table's
 header names the CPU (model, AVX-512 or not) and the device, with the matmul peak
 and memory bandwidth measured in the same run, from which floors and MFU come.
@@ -39,7 +42,7 @@ _DEVICE = flags.DEFINE_enum("device", "auto", ["auto", *figures.DEVICES],
                             "backend.")
 _PRESET = flags.DEFINE_string("preset", None, "Model preset from configs/models.py for every "
                               "mode (default: small on cpu; per mode on gpu).")
-_REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions (PPO: iterations after the "
+_REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions (PPO, GRPO: iterations after the "
                              "warm-up one); the median is reported.", lower_bound=1)
 _OUT = flags.DEFINE_string("out", None, "Write the full report as JSON to this file.")
 _PROFILE = flags.DEFINE_string("profile_dir", None, "Also write a jax.profiler trace of one call "

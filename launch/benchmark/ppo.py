@@ -16,21 +16,11 @@ import numpy as np
 from launch.benchmark.hardware import decode_step_floor, peak_flops
 from launch.benchmark.report import row
 from launch.benchmark.timing import log, median, time_calls
-from launch.benchmark.torch_ref import Setup, import_torch
-from launch.benchmark.workload import Shapes, random_tokens
+from launch.benchmark.torch_ref import Setup, id_tokenizer, import_torch
+from launch.benchmark.workload import IdTokenizer, Shapes, random_tokens
 
 PPO_HP = dict(temperature=1.0, kl_coef=0.05, kl_estimator="k1", vf_coef=0.1, clip_eps=0.2,
               value_clip=0.2, gamma=1.0, lam=0.95, lr=3e-6)
-
-
-class _IdTokenizer:
-  """Just enough of `cai_jax.tokenizer.Tokenizer` for a PPO iteration on raw token ids."""
-
-  def __init__(self, vocab_size: int, pad_id: int, eot_id: int):
-    self.vocab_size = vocab_size
-    self.pad_id = pad_id
-    self.source = "<benchmark ids>"
-    self.special_token_ids = {"<extra_id_1>": eot_id}
 
 
 def _ours_ppo(setup: Setup, shapes: Shapes, iterations: int) -> list[dict]:
@@ -60,7 +50,7 @@ def _ours_ppo(setup: Setup, shapes: Shapes, iterations: int) -> list[dict]:
   log("ppo: building cai_jax's PPO iteration (actor, reference, critic, reward model)")
   # The end-of-turn id is one past the vocabulary, so no row can stop: every
   # response is exactly N tokens, as TRL's with no stop token (checked below).
-  step, state, _ = ppo.build(cfg, mesh, _IdTokenizer(V, 0, V))
+  step, state, _ = ppo.build(cfg, mesh, IdTokenizer(V, 0, V))
   out = []
   for it in range(iterations):
     batch = step.put_batch({"ids": random_tokens(100 + it, (B, P), V),
@@ -81,21 +71,6 @@ def _ours_ppo(setup: Setup, shapes: Shapes, iterations: int) -> list[dict]:
   return out
 
 
-def _trl_tokenizer(vocab_size: int, eos_id: int):
-  """A word-level fast tokenizer over ids: TRL needs a `PreTrainedTokenizerBase` for its
-  pad/eos ids, not text. "t0".."t{V-1}" are the model's ids; the pad token is id V,
-  one the model cannot emit, so no sampled token is ever taken for padding (TRL masks
-  every pad-valued position) and every response is full-length, as cai_jax's."""
-  _, transformers = import_torch()
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  vocab = {f"t{i}": i for i in range(vocab_size)}
-  vocab["<pad>"] = vocab_size
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="t1"))
-  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
-                                              eos_token=f"t{eos_id}", unk_token="t1")
-
-
 def _trl_ppo(setup: Setup, shapes: Shapes, iterations: int,
              threads: int) -> tuple[list[dict], dict]:
   """Runs TRL's `train()` for `iterations` iterations, timing its phases by wrapping
@@ -110,7 +85,10 @@ def _trl_ppo(setup: Setup, shapes: Shapes, iterations: int,
   B, P, N = shapes.ppo_batch, shapes.ppo_prompt, shapes.ppo_new
   V = setup.config.vocab_size
   rm_hf, _ = setup.reward_model_dirs()
-  tokenizer = _trl_tokenizer(V, eos_id=setup.config.eos_token_id)
+  # The pad token is id V, one the model cannot emit, so no sampled token is ever taken
+  # for padding (TRL masks every pad-valued position) and every response is full-length,
+  # as cai_jax's.
+  tokenizer = id_tokenizer(V, pad=None, eos=setup.config.eos_token_id, unk=1)
   policy = setup.torch_lm()
   ref = setup.torch_lm()
 

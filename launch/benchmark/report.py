@@ -86,7 +86,7 @@ def markdown_table(report: dict) -> str:
            "| mode | metric | cai_jax | reference | speed-up | floor | of floor | target |",
            "|---|---|---:|---:|---:|---:|---:|---|"]
   refs = {"model": "torch", "attention": "einsum path", "generate": "transformers",
-          "sft": "transformers+torch", "ppo": "TRL"}
+          "sft": "transformers+torch", "ppo": "TRL", "grpo": "TRL", "dpo": "TRL"}
   for r in report["rows"]:
     target = r["target"] or ""
     if r["target_met"] is not None:

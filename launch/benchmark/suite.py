@@ -13,7 +13,7 @@ import time
 
 import jax
 
-from launch.benchmark import MODES, attention, figures, generate, model, ppo, sft
+from launch.benchmark import MODES, attention, dpo, figures, generate, grpo, model, ppo, sft
 from launch.benchmark.hardware import cpu_info, measure_ceilings, peak_flops
 from launch.benchmark.timing import log
 from launch.benchmark.torch_ref import Setup, import_torch, prepare
@@ -71,7 +71,7 @@ def run(what: str | list[str] = "all", preset: str | None = None, reps: int = 3,
   issue #15's on GPU); a `preset` given applies to every mode. `model_overrides`:
   MistralConfig fields for cai_jax's side, e.g. {"attention_impl": "einsum"}.
   `profile_dir`: also trace one call of cai_jax's side of each mode with jax.profiler
-  (SFT step, forward+backward, each decode batch, the last PPO iteration).
+  (SFT and DPO steps, forward+backward, each decode batch, the last PPO / GRPO iteration).
   """
   modes = [what] if isinstance(what, str) else list(what)
   if modes == ["all"]:
@@ -124,8 +124,12 @@ def run(what: str | list[str] = "all", preset: str | None = None, reps: int = 3,
         res = generate.measure(setup, shapes, reps, ceilings)
       elif mode == "sft":
         res = sft.measure(setup, shapes, reps, ceilings)
-      else:
+      elif mode == "ppo":
         res = ppo.measure(setup, shapes, reps, ceilings, threads=threads)
+      elif mode == "grpo":
+        res = grpo.measure(setup, shapes, reps, ceilings, threads=threads)
+      else:
+        res = dpo.measure(setup, shapes, reps, ceilings, threads=threads)
       res["wall_seconds"] = time.perf_counter() - t0
       report["results"][mode] = res
       report["rows"].extend(res["rows"])
@@ -137,12 +141,12 @@ def run(what: str | list[str] = "all", preset: str | None = None, reps: int = 3,
 def _setup_for(mode: str, preset: str, workdir: str, seed: int, device: str,
                torch_device: str, model_overrides: dict | None) -> Setup:
   """The model a mode runs on. CPU: one shared-weight fp32 model for every mode. GPU:
-  decode on bf16 weights; training on fp32 master weights with bf16 compute; PPO needs
-  the shared-weight HF directories its trainer loads."""
+  decode on bf16 weights; training (SFT, DPO) on fp32 master weights with bf16 compute;
+  PPO and GRPO need the shared-weight HF directories their iteration loads."""
   kw = dict(device=device, torch_device=torch_device, overrides=model_overrides)
   if device != "gpu":
     return prepare(preset, workdir, seed, **kw)
-  if mode == "ppo":
+  if mode in ("ppo", "grpo"):
     return prepare(preset, os.path.join(workdir, mode), seed, dtype="bfloat16", **kw)
   param_dtype = "bfloat16" if mode == "generate" else "float32"
   return prepare(preset, workdir, seed, dtype="bfloat16", param_dtype=param_dtype,

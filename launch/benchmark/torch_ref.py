@@ -30,6 +30,36 @@ def import_torch():
   return torch, transformers
 
 
+def id_tokenizer(vocab_size: int, *, pad: int | None, eos: int | None, unk: int | None):
+  """A word-level fast tokenizer over ids, for TRL's trainers: they need a
+  `PreTrainedTokenizerBase` (its pad/eos ids), and GRPO and DPO go through text
+  (`id_text`). Id i is the word "t{i}", except the special tokens, named "<pad>", "<eos>",
+  "<unk>" (no special token may be a prefix of a word: HF tokenizers match them anywhere
+  in the text, so an eos "t2" would split "t27" into "t2" and "7"). Each sits at the id
+  given, or (None) past the model's vocabulary (V, V+1, ... in that order): an id the
+  model can neither emit nor read, so it never stops a rollout or hides a sampled token."""
+  _, transformers = import_torch()
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  specials, next_id = {}, vocab_size
+  for role, token_id in (("pad", pad), ("eos", eos), ("unk", unk)):
+    if token_id is None:
+      token_id, next_id = next_id, next_id + 1
+    specials[f"<{role}>"] = token_id
+  if len(set(specials.values())) != len(specials):
+    raise ValueError(f"special tokens share an id: {specials}")
+  vocab = {f"t{i}": i for i in range(vocab_size) if i not in specials.values()}
+  vocab.update(specials)
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                              eos_token="<eos>", unk_token="<unk>")
+
+
+def id_text(tokenizer, ids) -> str:
+  """Token ids as `id_tokenizer`'s text: [5, 9] -> "t5 t9"."""
+  return " ".join(tokenizer.convert_ids_to_tokens([int(i) for i in ids]))
+
+
 def randomize_hf_weights(model, seed: int) -> None:
   """Redraws every weight at ~unit activation scale with norms away from 1.
 
