@@ -610,3 +610,39 @@ def test_sigkill_mid_run_then_resume_is_bit_exact(sp_model_path, comparison_file
 
 if __name__ == "__main__":
   _worker()
+
+
+def test_the_vocab_head_on_reply_positions_only_gives_the_same_log_probs_and_gradients():
+  """`width` (the widest reply) sends only each row's reply positions through the vocab head:
+  the summed log-probs, the counts and the gradient equal the head over every position."""
+  from cai_jax.model import MistralConfig, init_params
+  from cai_jax.train.dpo import pair_logprobs, reply_width
+  config = MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=8, sliding_window=None, max_position_embeddings=64)
+  mesh = parallel.mesh_from_config(parallel.ONE_DEVICE)
+  params, _ = init_params(config, mesh, jax.random.PRNGKey(3))
+  rng = np.random.default_rng(0)
+  B, T = 3, 24
+  lengths = np.array([[24, 17], [9, 20], [0, 0]], np.int32)     # the last pair is padding
+  starts = np.array([[10, 6], [5, 12], [0, 0]])
+  tokens = rng.integers(1, 97, (B, 2, T)).astype(np.int32)
+  mask = np.zeros((B, 2, T), np.int32)
+  for b in range(B):
+    for s in range(2):
+      tokens[b, s, lengths[b, s]:] = 0
+      mask[b, s, starts[b, s]:lengths[b, s]] = 1
+  rows = [{"response_mask": mask[b]} for b in range(B)]
+  width = reply_width(rows)
+  assert width == 14 < T
+  batch = {"tokens": jnp.asarray(tokens), "response_mask": jnp.asarray(mask),
+           "lengths": jnp.asarray(lengths)}
+  full = jax.jit(lambda p: pair_logprobs(config, p, batch))(params)
+  narrow = jax.jit(lambda p: pair_logprobs(config, p, batch, width))(params)
+  np.testing.assert_allclose(narrow[0], full[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(narrow[1], full[1])
+  np.testing.assert_array_equal(np.asarray(full[1]), mask.sum(-1))
+  grad = lambda w: jax.grad(lambda p: pair_logprobs(config, p, batch, w)[0].sum())(params)
+  for g_full, g_narrow in zip(jax.tree_util.tree_leaves(grad(0)),
+                              jax.tree_util.tree_leaves(grad(width))):
+    np.testing.assert_allclose(g_narrow, g_full, rtol=1e-4, atol=1e-6)

@@ -93,11 +93,21 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, eps, *, b
   return loss, margin
 
 
-def response_logprobs(config: MistralConfig, params, tokens, response_mask, lengths):
+def reply_width(rows: list[dict]) -> int:
+  """The most reply tokens of any side of any row: how many positions per row go through
+  the vocab head (a static shape, so one per run)."""
+  return max((int(np.asarray(r["response_mask"]).sum(axis=-1).max()) for r in rows), default=0)
+
+
+def response_logprobs(config: MistralConfig, params, tokens, response_mask, lengths,
+                      width: int = 0):
   """Summed log-probs [N] of the reply tokens of right-padded rows, and their counts [N].
 
-  tokens, response_mask int [N, T] (1 on the reply's tokens), lengths int [N] (0 = a
-  padding row, which gives 0 and 0).
+  tokens, response_mask int [N, T] (1 on the reply's tokens, one contiguous span),
+  lengths int [N] (0 = a padding row, which gives 0 and 0). With `width` (>= every row's
+  reply length, `reply_width`) only the `width` positions from the one before each reply
+  go through the vocab head, not all T: the head is most of a small model's FLOPs and
+  the prompt's positions predict nothing DPO reads. The values are the same.
   """
   N, T = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (N, T))
@@ -106,30 +116,39 @@ def response_logprobs(config: MistralConfig, params, tokens, response_mask, leng
            "loss_mask": response_mask}
   hidden = lm_hidden(config, params, batch)
   targets, mask = next_token_targets(batch)
+  if 0 < width < T:
+    first = jnp.argmax(response_mask > 0, axis=1)          # the reply's first token
+    cols = jnp.maximum(first - 1, 0)[:, None] + jnp.arange(width)[None, :]
+    inside = cols < T
+    cols = jnp.minimum(cols, T - 1)
+    hidden = jnp.take_along_axis(hidden, cols[..., None], axis=1)
+    targets = jnp.take_along_axis(targets, cols, axis=1)
+    mask = jnp.take_along_axis(mask, cols, axis=1) & inside
   out = vocab_logprobs(hidden, lm_head_kernel(config, params), targets)
   logp = jnp.sum(jnp.where(mask, out.logp, 0.0), axis=-1)
   return logp, jnp.sum(mask.astype(jnp.float32), axis=-1)
 
 
-def pair_logprobs(config: MistralConfig, params, batch: dict):
+def pair_logprobs(config: MistralConfig, params, batch: dict, width: int = 0):
   """Chosen and rejected in one forward: ([B, 2] summed reply log-probs, [B, 2] counts)."""
   B, _, T = batch["tokens"].shape
   logp, count = response_logprobs(config, params, batch["tokens"].reshape(2 * B, T),
                                   batch["response_mask"].reshape(2 * B, T),
-                                  batch["lengths"].reshape(2 * B))
+                                  batch["lengths"].reshape(2 * B), width)
   return logp.reshape(B, 2), count.reshape(B, 2)
 
 
 def make_dpo_loss(config: MistralConfig, *, beta: float, loss_type: str = "sigmoid",
-                  label_smoothing: float = 0.0):
+                  label_smoothing: float = 0.0, width: int = 0):
   """loss_fn(params, batch, rng) over pairs: tokens / response_mask [B, 2, T], lengths
-  [B, 2], p_chosen, ref_chosen, ref_rejected [B]. Sums over the real pairs (lengths > 0)."""
+  [B, 2], p_chosen, ref_chosen, ref_rejected [B]. Sums over the real pairs (lengths > 0).
+  `width`: see `response_logprobs` (0 = the vocab head on every position)."""
   if loss_type not in LOSS_TYPES:
     raise ValueError(f"dpo.loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
   def loss_fn(params, batch, rng):
     del rng
-    logp, count = pair_logprobs(config, params, batch)
+    logp, count = pair_logprobs(config, params, batch, width)
     p = batch["p_chosen"].astype(jnp.float32)
     ref_c = batch["ref_chosen"].astype(jnp.float32)
     ref_r = batch["ref_rejected"].astype(jnp.float32)
@@ -281,7 +300,7 @@ def reference_batch_size(cfg, mesh) -> int:
 
 
 def reference_logprobs(config: MistralConfig, params, param_shardings, rows: list[dict], *,
-                       mesh, batch_size: int) -> np.ndarray:
+                       mesh, batch_size: int, width: int = 0) -> np.ndarray:
   """The frozen model's summed reply log-probs of every row, float32 [len(rows), 2].
 
   One jitted forward per global batch of `batch_size` pairs (the last one padded
@@ -300,7 +319,7 @@ def reference_logprobs(config: MistralConfig, params, param_shardings, rows: lis
   local = batch_size // jax.process_count()
   lo = jax.process_index() * local
   batch_sh = {k: parallel.batch_sharding(mesh, v.ndim) for k, v in stacked.items()}
-  program = jax.jit(lambda p, b: pair_logprobs(config, p, b)[0],
+  program = jax.jit(lambda p, b: pair_logprobs(config, p, b, width)[0],
                     in_shardings=(param_shardings, batch_sh),
                     out_shardings=NamedSharding(mesh, P()))
   put_batch = common.make_put_batch(mesh)
@@ -352,7 +371,8 @@ def with_reference(cfg, workdir: str, *, mesh, key: str):
     else:
       start = time.time()
       both = reference_logprobs(config, params, param_shardings, train_rows + eval_rows,
-                                mesh=mesh, batch_size=reference_batch_size(cfg, mesh))
+                                mesh=mesh, batch_size=reference_batch_size(cfg, mesh),
+                                width=reply_width(train_rows + eval_rows))
       logging.info("reference log-probs of %d pairs in %.1fs", len(both), time.time() - start)
       ref = {"train": both[:len(train_rows)], "test": both[len(train_rows):]}
       for s, v in ref.items():
@@ -408,7 +428,8 @@ def run_dpo(cfg, workdir: str, *, mesh=None, force: bool = False) -> dict:
   _, summary, paths, steps = supervised.fit_supervised(
       cfg, workdir, mesh=mesh, tokenizer=tokenizer, head="lm",
       make_loss=lambda config: make_dpo_loss(config, beta=d.beta, loss_type=d.loss_type,
-                                             label_smoothing=d.label_smoothing),
+                                             label_smoothing=d.label_smoothing,
+                                             width=reply_width(train_rows + test_rows)),
       train_rows=train_rows, eval_rows=test_rows, count_tokens=count_pair_tokens, desc="dpo",
       rows_with_model=with_reference(cfg, workdir, mesh=mesh, key=run_key))
   paths["reference_logps"] = os.path.join(workdir, REFERENCE_CACHE)

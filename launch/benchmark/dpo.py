@@ -89,13 +89,16 @@ def _ours_dpo(setup: Setup, shapes: Shapes, pairs: list[dict],
   tx, schedule = make_optimizer(optim_cfg, total_steps=reps + 1)
   with parallel.use_mesh(mesh):
     log(f"dpo: cai_jax reference log-probs of {B} pairs (not timed)")
-    ref = dpo.reference_logprobs(cfg, setup.params, p_sh, rows, mesh=mesh, batch_size=B)
+    width = dpo.reply_width(rows)      # the stage's vocab head runs on reply positions only
+    ref = dpo.reference_logprobs(cfg, setup.params, p_sh, rows, mesh=mesh, batch_size=B,
+                                 width=width)
     host_batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     host_batch["ref_chosen"], host_batch["ref_rejected"] = ref[:, 0], ref[:, 1]
     params = jax.tree_util.tree_map(jnp.copy, setup.params)  # create_state donates its input
     state, st_sh = create_state(params, tx, p_sh, mesh)
     step = make_train_step(
-        dpo.make_dpo_loss(cfg, beta=DPO_HP["beta"], loss_type=DPO_HP["loss_type"]), tx,
+        dpo.make_dpo_loss(cfg, beta=DPO_HP["beta"], loss_type=DPO_HP["loss_type"],
+                          width=width), tx,
         schedule, accum_steps=1, shardings=st_sh,
         batch_shardings=common.batch_shardings_for(mesh, host_batch), mesh=mesh)
     batch = common.make_put_batch(mesh)(host_batch)
