@@ -34,14 +34,14 @@ import tempfile
 import time
 import warnings
 
-import jax
 import numpy as np
 
 from launch.benchmark.hardware import decode_step_floor, peak_flops
+from launch.benchmark.ppo import rl_config, run_ours
 from launch.benchmark.report import row
 from launch.benchmark.timing import log, median
 from launch.benchmark.torch_ref import Setup, id_text, id_tokenizer, import_torch
-from launch.benchmark.workload import IdTokenizer, Shapes, random_tokens
+from launch.benchmark.workload import Shapes, random_tokens
 
 GRPO_HP = dict(temperature=1.0, beta=0.04, kl_estimator="k3", clip_eps=0.2, lr=1e-6,
                grad_clip=1.0, weight_decay=0.0, scale="group std", loss="token mean (TRL dapo)")
@@ -55,18 +55,8 @@ def _prompts(shapes: Shapes, iterations: int, vocab: int) -> list[np.ndarray]:
 
 
 def _ours_grpo(setup: Setup, shapes: Shapes, iterations: int) -> list[dict]:
-  from cai_jax import parallel
-  from cai_jax.train import ppo
-  from configs.ppo import get_config
   B, G, P, N = shapes.grpo_prompts, shapes.grpo_group, shapes.grpo_prompt, shapes.grpo_new
-  _, rm_dir = setup.reward_model_dirs()
-  cfg = get_config("tiny")
-  cfg.actor_init = setup.hf_dir
-  cfg.rm_init = rm_dir
-  cfg.max_prompt_len = P
-  cfg.rollout_batch_size = B
-  cfg.iterations = iterations
-  cfg.seed = setup.seed
+  cfg = rl_config(setup, prompts=B, prompt_len=P, iterations=iterations)
   cfg.ppo.update(advantage="grpo", samples_per_prompt=G, grpo_std_normalize=True, kl_in="loss",
                  kl_estimator=GRPO_HP["kl_estimator"], init_kl_coef=GRPO_HP["beta"],
                  adaptive_kl=False, loss_agg="token_mean", unfinished="keep", max_new_tokens=N,
@@ -75,31 +65,7 @@ def _ours_grpo(setup: Setup, shapes: Shapes, iterations: int) -> list[dict]:
   cfg.actor_optim.update(lr=GRPO_HP["lr"], min_lr=GRPO_HP["lr"], schedule="constant",
                          warmup_steps=0, b2=0.999, weight_decay=GRPO_HP["weight_decay"],
                          grad_clip=GRPO_HP["grad_clip"])
-  if setup.device == "gpu":  # as the PPO mode: bf16 compute, fp32 masters
-    cfg.dtype, cfg.param_dtype, cfg.frozen_dtype = "bfloat16", "float32", "bfloat16"
-  mesh = parallel.mesh_from_config(parallel.ONE_DEVICE)
-  V = setup.config.vocab_size
-  log("grpo: building cai_jax's GRPO iteration (actor, reference, reward model; no critic)")
-  # The end-of-turn id is one past the vocabulary: every response is exactly N tokens.
-  step, state, _ = ppo.build(cfg, mesh, IdTokenizer(V, 0, V))
-  out = []
-  for it, prompts in enumerate(_prompts(shapes, iterations, V)):
-    batch = step.put_batch({"ids": prompts, "length": np.full((B,), P, np.int32)})
-    log(f"grpo: cai_jax iteration {it + 1}/{iterations}" + (" (compile)" if it == 0 else ""))
-    if it == iterations - 1 and it > 0 and setup.profile_dir:  # the last, compiled iteration
-      result = []
-      setup.profile("grpo_iteration", lambda: result.append(step(state, batch)))
-      state, metrics = result[0]
-    else:
-      state, metrics = step(state, batch)
-    lengths = np.asarray(jax.device_get(step.last_experience.rollout.lengths))
-    if lengths.shape != (B * G,) or np.any(lengths != N):
-      raise RuntimeError(f"cai_jax GRPO rollout lengths {lengths.tolist()}, expected {B * G} "
-                         f"x {N}")
-    out.append({"rollout": metrics["rollout_seconds"], "score": metrics["score_seconds"],
-                "update": metrics["update_seconds"]})
-  del step, state
-  return out
+  return run_ours(setup, cfg, "grpo", _prompts(shapes, iterations, setup.config.vocab_size), N)
 
 
 def _trl_grpo(setup: Setup, shapes: Shapes, iterations: int,

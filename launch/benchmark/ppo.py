@@ -23,19 +23,58 @@ PPO_HP = dict(temperature=1.0, kl_coef=0.05, kl_estimator="k1", vf_coef=0.1, cli
               value_clip=0.2, gamma=1.0, lam=0.95, lr=3e-6)
 
 
-def _ours_ppo(setup: Setup, shapes: Shapes, iterations: int) -> list[dict]:
-  from cai_jax import parallel
-  from cai_jax.train import ppo
+def rl_config(setup: Setup, *, prompts: int, prompt_len: int, iterations: int):
+  """`configs/ppo.py:tiny` pointed at the benchmark's policy and frozen reward model (and, on
+  a GPU, in bf16 over fp32 masters as the mistral_7b preset); the modes set the rest."""
   from configs.ppo import get_config
-  B, P, N = shapes.ppo_batch, shapes.ppo_prompt, shapes.ppo_new
   _, rm_dir = setup.reward_model_dirs()
   cfg = get_config("tiny")
   cfg.actor_init = setup.hf_dir
   cfg.rm_init = rm_dir
-  cfg.max_prompt_len = P
-  cfg.rollout_batch_size = B
+  cfg.max_prompt_len = prompt_len
+  cfg.rollout_batch_size = prompts
   cfg.iterations = iterations
   cfg.seed = setup.seed
+  if setup.device == "gpu":
+    cfg.dtype, cfg.param_dtype, cfg.frozen_dtype = "bfloat16", "float32", "bfloat16"
+  return cfg
+
+
+def run_ours(setup: Setup, cfg, name: str, prompt_batches: list[np.ndarray],
+             new_tokens: int) -> list[dict]:
+  """cai_jax's RL iterations (`ppo.build`) on the given prompt id batches: each one's rollout /
+  score / update seconds. The end-of-turn id is one past the vocabulary, so no row can stop:
+  every response is exactly `new_tokens` long, as TRL's with no stop token (checked)."""
+  from cai_jax import parallel
+  from cai_jax.train import ppo
+  mesh = parallel.mesh_from_config(parallel.ONE_DEVICE)
+  V = setup.config.vocab_size
+  log(f"{name}: building cai_jax's iteration ({cfg.ppo.advantage})")
+  step, state, _ = ppo.build(cfg, mesh, IdTokenizer(V, 0, V))
+  out = []
+  for it, ids in enumerate(prompt_batches):
+    batch = step.put_batch({"ids": ids, "length": np.full((len(ids),), ids.shape[1], np.int32)})
+    log(f"{name}: cai_jax iteration {it + 1}/{len(prompt_batches)}"
+        + (" (compile)" if it == 0 else ""))
+    if it == len(prompt_batches) - 1 and it > 0 and setup.profile_dir:  # compiled; traced
+      result = []
+      setup.profile(f"{name}_iteration", lambda: result.append(step(state, batch)))
+      state, metrics = result[0]
+    else:
+      state, metrics = step(state, batch)
+    lengths = np.asarray(jax.device_get(step.last_experience.rollout.lengths))
+    if lengths.shape != (step.rows,) or np.any(lengths != new_tokens):
+      raise RuntimeError(f"cai_jax {name} rollout lengths {lengths.tolist()}, expected "
+                         f"{step.rows} x {new_tokens}")
+    out.append({"rollout": metrics["rollout_seconds"], "score": metrics["score_seconds"],
+                "update": metrics["update_seconds"]})
+  del step, state
+  return out
+
+
+def _ours_ppo(setup: Setup, shapes: Shapes, iterations: int) -> list[dict]:
+  B, P, N = shapes.ppo_batch, shapes.ppo_prompt, shapes.ppo_new
+  cfg = rl_config(setup, prompts=B, prompt_len=P, iterations=iterations)
   cfg.ppo.update(max_new_tokens=N, temperature=PPO_HP["temperature"], ppo_epochs=1,
                  num_minibatches=1, clip_eps=PPO_HP["clip_eps"], value_clip=PPO_HP["value_clip"],
                  vf_coef=PPO_HP["vf_coef"], gamma=PPO_HP["gamma"], lam=PPO_HP["lam"],
@@ -43,32 +82,9 @@ def _ours_ppo(setup: Setup, shapes: Shapes, iterations: int) -> list[dict]:
   for optim in (cfg.actor_optim, cfg.critic_optim):
     optim.update(lr=PPO_HP["lr"], min_lr=PPO_HP["lr"], schedule="constant", b2=0.999,
                  grad_clip=0.0)  # TRL's loop steps its optimizer without clipping
-  if setup.device == "gpu":  # as configs/ppo.py's mistral_7b: bf16 compute, fp32 masters
-    cfg.dtype, cfg.param_dtype, cfg.frozen_dtype = "bfloat16", "float32", "bfloat16"
-  mesh = parallel.mesh_from_config(parallel.ONE_DEVICE)
   V = setup.config.vocab_size
-  log("ppo: building cai_jax's PPO iteration (actor, reference, critic, reward model)")
-  # The end-of-turn id is one past the vocabulary, so no row can stop: every
-  # response is exactly N tokens, as TRL's with no stop token (checked below).
-  step, state, _ = ppo.build(cfg, mesh, IdTokenizer(V, 0, V))
-  out = []
-  for it in range(iterations):
-    batch = step.put_batch({"ids": random_tokens(100 + it, (B, P), V),
-                            "length": np.full((B,), P, np.int32)})
-    log(f"ppo: cai_jax iteration {it + 1}/{iterations}" + (" (compile)" if it == 0 else ""))
-    if it == iterations - 1 and it > 0 and setup.profile_dir:  # the last, compiled iteration
-      result = []
-      setup.profile("ppo_iteration", lambda: result.append(step(state, batch)))
-      state, metrics = result[0]
-    else:
-      state, metrics = step(state, batch)
-    lengths = np.asarray(jax.device_get(step.last_experience.rollout.lengths))
-    if np.any(lengths != N):
-      raise RuntimeError(f"cai_jax PPO rollout lengths {lengths.tolist()}, expected all {N}")
-    out.append({"rollout": metrics["rollout_seconds"], "score": metrics["score_seconds"],
-                "update": metrics["update_seconds"]})
-  del step, state
-  return out
+  return run_ours(setup, cfg, "ppo", [random_tokens(100 + it, (B, P), V)
+                                      for it in range(iterations)], N)
 
 
 def _trl_ppo(setup: Setup, shapes: Shapes, iterations: int,
