@@ -1,12 +1,14 @@
-"""PPO with GAE: actor, critic, reference and reward model in one SPMD program.
+"""The RL stage: PPO with GAE (actor, critic, reference and reward model in one SPMD
+program), or a critic-free estimator (GRPO, RLOO, REINFORCE++: three models), per
+`ppo.advantage`.
 
 NeMo-Aligner runs PPO as an actor job plus a critic/RM server talking HTTP;
-here the four models share one mesh and each iteration is three compiled
-functions:
+here the models share one mesh and each iteration is three compiled functions:
 
-  rollout(actor, prompts, key)                -> responses, their log-probs   (KV-cache sampler)
-  score(ref, critic, rm, rollout, beta)       -> rewards, values, GAE advantages, metrics
-  update(actor_state, critic_state, exp, key) -> E epochs x M shuffled minibatches (nested lax.scan)
+  rollout(actor, prompts, key)                      -> responses, their log-probs (KV cache)
+  score(ref, critic, rm, rollout, beta)             -> rewards, values, advantages, metrics
+  update(actor_state, critic_state, exp, beta, key) -> E epochs x M shuffled minibatches
+                                                       (nested lax.scan)
 
 The rollout's log-probs serve as the "old" policy log-probs (no extra actor
 forward); a test checks they equal a fresh forward pass. In bfloat16, where
@@ -382,12 +384,15 @@ def init_state(cfg, mesh, actor, critic):
   shardings) pairs of `load_models` (critic None: no critic). Also returns the optimizers."""
   hp = cfg.ppo
   total_updates = cfg.iterations * hp.ppo_epochs * hp.num_minibatches
+  actor_params, actor_param_sh = actor
   actor_tx, _ = make_optimizer(cfg.actor_optim, total_updates)
-  actor_state, actor_sh = create_state(*actor[:1], actor_tx, actor[1], mesh, cfg.seed)
+  actor_state, actor_sh = create_state(actor_params, actor_tx, actor_param_sh, mesh, cfg.seed)
   critic_tx = critic_state = critic_sh = None
   if critic is not None:
+    critic_params, critic_param_sh = critic
     critic_tx, _ = make_optimizer(cfg.critic_optim, total_updates)
-    critic_state, critic_sh = create_state(critic[0], critic_tx, critic[1], mesh, cfg.seed + 1)
+    critic_state, critic_sh = create_state(critic_params, critic_tx, critic_param_sh, mesh,
+                                           cfg.seed + 1)
   state = PPOState(actor=actor_state, critic=critic_state)
   shardings = PPOState(actor=actor_sh, critic=critic_sh)
   return state, shardings, (actor_tx, critic_tx)
