@@ -413,19 +413,13 @@ class TextGenerator:
     prompt_ids = self.encode_prompts(prompts, add_bos, what=what)
     self.check_lengths(prompt_ids, 0, what=what)
     fn = sampling.next_token_logprobs_program(self.config, ids, self.tokenizer.pad_id, self.mesh)
-    dp = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     out = []
     for start in range(0, len(prompt_ids), batch_size):
       chunk = prompt_ids[start:start + batch_size]
-      rows = -(-max(sampling.bucket(len(chunk), minimum=batch_size), dp) // dp) * dp
-      width = sampling.bucket(max(len(x) for x in chunk))
-      tokens = np.full((rows, width), self.tokenizer.pad_id, np.int32)
-      lengths = np.ones((rows,), np.int32)
-      for r, x in enumerate(chunk):
-        tokens[r, width - len(x):] = x      # left-padded, as the sampler's prompts are
-        lengths[r] = len(x)
-      tokens[len(chunk):, -1] = chunk[0][-1]   # filler rows: one real token
-      sp = sampling.make_sampling_params(len(chunk), rows, greedy=True, max_new_tokens=0)
+      tokens, lengths = sampling.pad_prompts(chunk, self.tokenizer.pad_id, min_rows=batch_size,
+                                             mesh=self.mesh)
+      sp = sampling.make_sampling_params(len(chunk), tokens.shape[0], greedy=True,
+                                         max_new_tokens=0)
       out.append(np.asarray(jax.device_get(fn(self.params, tokens, lengths, sp)))[:len(chunk)])
     return np.concatenate(out)
 

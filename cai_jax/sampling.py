@@ -371,6 +371,25 @@ def sample(config: MistralConfig, params, prompt_ids, prompt_lengths, sp: Sampli
 
 # --- buckets and the public entry point ---------------------------------------
 
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, *, min_rows: int = 1,
+                mesh=None) -> tuple[np.ndarray, np.ndarray]:
+  """Token-id prompts -> (ids i32 [B, P] left-padded, lengths i32 [B]) in the compiled-shape
+  buckets: B the next power of two >= len(prompts) (at least `min_rows`), rounded up to the
+  mesh's data-parallel size, P the next power of two >= the longest prompt. Filler rows
+  hold one real token (the first prompt's last) and length 1."""
+  dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  B = max(bucket(len(prompts), minimum=max(min_rows, 1)), dp)
+  B = -(-B // dp) * dp
+  P = bucket(max(len(p) for p in prompts))
+  ids = np.full((B, P), pad_id, np.int32)
+  lengths = np.ones((B,), np.int32)
+  for i, p in enumerate(prompts):
+    ids[i, P - len(p):] = p
+    lengths[i] = len(p)
+  ids[len(prompts):, -1] = prompts[0][-1]
+  return ids, lengths
+
+
 def bucket(n: int, minimum: int = 16) -> int:
   """Next power of two >= n (at least `minimum`): the compiled-shape buckets."""
   size = minimum
@@ -518,19 +537,9 @@ def generate(config: MistralConfig, params, prompts: Sequence[Sequence[int]], *,
     if len(p) + new[i] > config.max_position_embeddings:
       raise ValueError(f"prompt {i}: {len(p)} tokens + {new[i]} new tokens exceeds the model's "
                        f"max_position_embeddings={config.max_position_embeddings}")
-  longest = max(len(p) for p in prompts)
-  dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-  B = max(bucket(n, minimum=max(min_batch_bucket, 1)), dp)
-  B = -(-B // dp) * dp
-  P = bucket(longest)
+  ids, lengths = pad_prompts(prompts, pad_id, min_rows=min_batch_bucket, mesh=mesh)
+  B, P = ids.shape
   N = bucket(max(int(new.max()), min_steps, 1))
-
-  ids = np.full((B, P), pad_id, np.int32)
-  lengths = np.ones((B,), np.int32)
-  for i, p in enumerate(prompts):
-    ids[i, P - len(p):] = p
-    lengths[i] = len(p)
-  ids[n:, -1] = prompts[0][-1]  # filler rows: one real token, generate nothing
 
   stops = [[t] for t in stop_token_ids] + [list(q) for q in stop_sequences]
   sp = make_sampling_params(
