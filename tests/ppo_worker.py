@@ -95,6 +95,45 @@ def make_config(tokenizer_path: str, train_prompts: str, val_prompts: str = "", 
   return cfg
 
 
+def config_from_files(tokenizer_path: str, prompt_files: tuple[str, str], **overrides):
+  """`make_config` on the (train, held-out) prompt files of `write_prompt_files`;
+  `train_prompts=` / `val_prompts=` in `overrides` replace either."""
+  train = overrides.pop("train_prompts", prompt_files[0])
+  val = overrides.pop("val_prompts", prompt_files[1])
+  return make_config(tokenizer_path, train, val, **overrides)
+
+
+def reward(cfg):
+  """The synthetic reward the RL tests train on, for `cfg`'s prompt length."""
+  return target_fraction_reward(cfg.max_prompt_len)
+
+
+# Wall-clock and throughput numbers differ from run to run; everything else must not.
+TIMING_KEYS = {"time", "rollout_seconds", "score_seconds", "update_seconds",
+               "rollout_tokens_per_sec"}
+
+
+def train_metrics(workdir: str) -> list[dict]:
+  """A run's logged train records without the timing fields."""
+  from cai_jax.metrics import read_metrics
+  return [{k: v for k, v in m.items() if k not in TIMING_KEYS}
+          for m in read_metrics(os.path.join(workdir, "metrics.jsonl"), split="train")]
+
+
+def assert_metrics_close(got: dict, want: dict, tol: float = 1e-4,
+                         loose: dict | None = None) -> None:
+  """The same metrics, within `tol` (or `loose[name]` for the names it lists); a non-finite
+  value (logged as its name) must match exactly."""
+  import numpy as np
+  assert set(got) == set(want)
+  for k in want:
+    if isinstance(want[k], str):
+      assert got[k] == want[k], k
+    else:
+      bound = (loose or {}).get(k, tol)
+      np.testing.assert_allclose(got[k], want[k], atol=bound, rtol=bound, err_msg=k)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser()
   loopback.add_cluster_args(parser)

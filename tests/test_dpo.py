@@ -49,21 +49,7 @@ def _mesh1():
 
 def dpo_config(tokenizer_path: str, train_file: str, test_file: str = "", **overrides):
   """The tiny DPO preset for tests: 96-token rows, 8 pairs per step."""
-  from configs.dpo import get_config
-  c = get_config("tiny")
-  c.tokenizer = tokenizer_path
-  c.train_file = train_file
-  c.test_file = test_file
-  c.max_seq_len = 96
-  c.global_batch_size = 8
-  c.micro_batch_size = 8
-  c.max_steps = 4
-  c.log_every = 1
-  c.eval_every = 0
-  c.save_every = 2
-  c.export_hf = False
-  c.update_from_flattened_dict(overrides)
-  return c
+  return train_worker.pair_stage_config("dpo", tokenizer_path, train_file, test_file, **overrides)
 
 
 def _pairs(n: int, seed: int, p_chosen=None):

@@ -35,10 +35,6 @@ from cai_jax.metrics import read_metrics
 from cai_jax.train import ppo
 from cai_jax.tokenizer import NEMO
 
-# Wall-clock and throughput numbers differ from run to run; everything else must not.
-TIMING_KEYS = {"time", "rollout_seconds", "score_seconds", "update_seconds",
-               "rollout_tokens_per_sec"}
-
 # The per-iteration metric list, as logged names.
 REQUIRED_METRICS = {
     "score_mean", "score_std", "rm_score_mean", "rm_score_std",   # RM score mean/std
@@ -61,19 +57,8 @@ def prompt_files(tmp_path_factory, sp_model_path):
   return worker.write_prompt_files(str(tmp_path_factory.mktemp("prompts")), sp_model_path)
 
 
-def make_cfg(sp_model_path, prompt_files, **overrides):
-  train = overrides.pop("train_prompts", prompt_files[0])
-  val = overrides.pop("val_prompts", prompt_files[1])
-  return worker.make_config(sp_model_path, train, val, **overrides)
-
-
-def reward(cfg):
-  return worker.target_fraction_reward(cfg.max_prompt_len)
-
-
-def train_metrics(workdir):
-  return [{k: v for k, v in m.items() if k not in TIMING_KEYS}
-          for m in read_metrics(os.path.join(workdir, "metrics.jsonl"), split="train")]
+make_cfg, reward = worker.config_from_files, worker.reward
+train_metrics, assert_metrics_close = worker.train_metrics, worker.assert_metrics_close
 
 
 def load_policy(workdir):
@@ -505,15 +490,6 @@ def one_iteration(cfg, workdir):
   ppo.run_ppo(cfg, workdir, reward_fn=reward(cfg))
   (m,) = train_metrics(workdir)
   return m, load_policy(workdir)
-
-
-def assert_metrics_close(got, want, tol=1e-4):
-  assert set(got) == set(want)
-  for k in want:
-    if isinstance(want[k], str):
-      assert got[k] == want[k], k
-    else:
-      np.testing.assert_allclose(got[k], want[k], atol=tol, rtol=tol, err_msg=k)
 
 
 def assert_params_close(got, want, tol=1e-4):

@@ -8,9 +8,7 @@ estimators, the KL in the loss, NeMo-Aligner's exact losses, exact resume, shard
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -19,13 +17,10 @@ import pytest
 
 import ppo_worker as worker
 from cai_jax import parallel
-from cai_jax.metrics import read_metrics
 from cai_jax.tokenizer import NEMO, Tokenizer
 from cai_jax.train import ppo, rl
 from test_rl_math import group_np, nemo_actor_loss, nemo_critic_loss
 
-TIMING_KEYS = {"time", "rollout_seconds", "score_seconds", "update_seconds",
-               "rollout_tokens_per_sec"}
 GROUP = {"ppo.advantage": "grpo", "ppo.samples_per_prompt": 4}
 
 
@@ -39,52 +34,29 @@ def prompt_files(tmp_path_factory, sp_model_path):
   return worker.write_prompt_files(str(tmp_path_factory.mktemp("prompts")), sp_model_path)
 
 
-def make_cfg(sp_model_path, prompt_files, **overrides):
-  val = overrides.pop("val_prompts", prompt_files[1])
-  return worker.make_config(sp_model_path, prompt_files[0], val, **overrides)
-
-
-def reward(cfg):
-  return worker.target_fraction_reward(cfg.max_prompt_len)
+make_cfg, reward, train_metrics = worker.config_from_files, worker.reward, worker.train_metrics
 
 
 def one_step(cfg, sp_model_path):
-  """build() and one iteration on one device: (iteration, state before, metrics)."""
+  """build() and one iteration on one device: (iteration, state after it, metrics)."""
   tokenizer = Tokenizer.from_file(sp_model_path)
   rows, _ = ppo.load_prompt_rows(cfg.train_prompts, tokenizer, NEMO, cfg.max_prompt_len,
                                  tokenizer.pad_id)
   step, state, _ = ppo.build(cfg, parallel.mesh_from_config(cfg.mesh), tokenizer,
                              reward_fn=reward(cfg))
   batch = {k: np.stack([r[k] for r in rows[:cfg.rollout_batch_size]]) for k in ("ids", "length")}
-  before = state
-  _, metrics = step(state, step.put_batch(batch))
-  return step, before, metrics
+  state, metrics = step(state, step.put_batch(batch))
+  return step, state, metrics
 
 
-def assert_iteration_metrics_close(got: dict, want: dict) -> None:
-  """One iteration's metrics on another mesh or in two processes vs one device.
-
-  The rollout, rewards and advantages agree to float32 rounding (sums reduced in another
-  order): 1e-4. The update statistics average over 8 successive updates whose rounding
-  compounds (observed 6e-4 on ratio_mean), and clip_fraction counts tokens whose ratio sits
-  at the clip boundary, where that rounding flips a few of ~1000 (observed 0.012): looser
-  bounds for those alone. A wrong group layout or a reduction over one shard is far off in
-  the advantages and losses, which keep the tight bound.
-  """
-  loose = {"ratio_mean": 2e-3, "approx_kl": 2e-3, "clip_fraction": 0.03}
-  bad = []
-  for k in want:
-    if isinstance(want[k], str):           # a non-finite value, logged as its name
-      if got[k] != want[k]:
-        bad.append(f"{k}: {got[k]} vs {want[k]}")
-    elif not np.isclose(got[k], want[k], atol=loose.get(k, 1e-4), rtol=loose.get(k, 1e-4)):
-      bad.append(f"{k}: {got[k]} vs {want[k]}")
-  assert not bad, bad
-
-
-def train_metrics(workdir):
-  return [{k: v for k, v in m.items() if k not in TIMING_KEYS}
-          for m in read_metrics(os.path.join(workdir, "metrics.jsonl"), split="train")]
+# An iteration's metrics on another mesh or in two processes vs one device. The rollout,
+# rewards and advantages agree to float32 rounding (sums reduced in another order): 1e-4.
+# The update statistics average over 8 successive updates whose rounding compounds
+# (observed 6e-4 on ratio_mean), and clip_fraction counts tokens whose ratio sits at the clip
+# boundary, where that rounding flips a few of ~1000 (observed 0.012): looser bounds for
+# those alone. A wrong group layout or a reduction over one shard is far off in the
+# advantages and losses, which keep the tight bound.
+COMPOUNDING = {"ratio_mean": 2e-3, "approx_kl": 2e-3, "clip_fraction": 0.03}
 
 
 # ---- critic-free estimators --------------------------------------------------------------
@@ -238,7 +210,7 @@ def test_grpo_sharded_iteration_matches_one_device(tmp_path, sp_model_path, prom
     runs[mesh] = train_metrics(workdir)[0]
   got, want = runs[(2, 2, 2)], runs[(1, 1, 1)]
   assert set(got) == set(want)
-  assert_iteration_metrics_close(got, want)
+  worker.assert_metrics_close(got, want, loose=COMPOUNDING)
 
 
 def test_group_estimators_need_two_samples_per_prompt(tmp_path, sp_model_path, prompt_files):
@@ -263,7 +235,7 @@ def test_grpo_two_processes_match_one_device(tmp_path, sp_model_path, prompt_fil
       "--advantage=grpo", "--samples_per_prompt=2"])
   (got,), (want,) = train_metrics(shared), train_metrics(single)
   assert set(got) == set(want) and "value_loss" not in got
-  assert_iteration_metrics_close(got, want)
+  worker.assert_metrics_close(got, want, loose=COMPOUNDING)
 
 
 # ---- learning ------------------------------------------------------------------------------

@@ -91,10 +91,18 @@ def run_until_checkpoint_then_kill(argv, *, cwd, env, workdir, min_step: int, lo
         proc.wait()
   return proc.returncode
 
+
 def rm_config(tokenizer_path: str, train_file: str, test_file: str = "", **overrides):
   """The tiny RM preset for tests: 96-token rows, 8 pairs per step."""
-  from configs.rm import get_config
-  c = get_config("tiny")
+  return pair_stage_config("rm", tokenizer_path, train_file, test_file, **overrides)
+
+
+def pair_stage_config(stage: str, tokenizer_path: str, train_file: str, test_file: str = "",
+                      **overrides):
+  """The tiny preset of a stage trained on comparison pairs (`rm`, `dpo`) for tests:
+  96-token rows, 8 pairs per step, 4 steps, a checkpoint every 2."""
+  import importlib
+  c = importlib.import_module(f"configs.{stage}").get_config("tiny")
   c.tokenizer = tokenizer_path
   c.train_file = train_file
   c.test_file = test_file
