@@ -354,10 +354,10 @@ def _read_reference_cache(path: str, key: str, lengths: dict) -> dict | None:
   return cached
 
 
-def with_reference(cfg, workdir: str, *, mesh, key: str):
+def with_reference(cfg, workdir: str, *, mesh, key: str, width: int = 0):
   """`fit_supervised`'s `rows_with_model`: adds `ref_chosen` / `ref_rejected` to the rows,
   from the workdir's cache when it holds this run's values, else from one reference pass
-  over the train and test pairs together (then cached)."""
+  over the train and test pairs together (then cached); `width` as `response_logprobs`."""
 
   def add(config, params, param_shardings, train_rows, eval_rows):
     splits = {"train": train_rows, "test": eval_rows}
@@ -372,7 +372,7 @@ def with_reference(cfg, workdir: str, *, mesh, key: str):
       start = time.time()
       both = reference_logprobs(config, params, param_shardings, train_rows + eval_rows,
                                 mesh=mesh, batch_size=reference_batch_size(cfg, mesh),
-                                width=reply_width(train_rows + eval_rows))
+                                width=width)
       logging.info("reference log-probs of %d pairs in %.1fs", len(both), time.time() - start)
       ref = {"train": both[:len(train_rows)], "test": both[len(train_rows):]}
       for s, v in ref.items():
@@ -425,13 +425,14 @@ def run_dpo(cfg, workdir: str, *, mesh=None, force: bool = False) -> dict:
   run_key = hashlib.sha256(json.dumps(identity.run_identity(
       cfg, supervised.stage_inputs(cfg, data_files)), sort_keys=True).encode()).hexdigest()
   d = cfg.dpo
+  width = reply_width(train_rows + test_rows)   # one static head width for every program
   _, summary, paths, steps = supervised.fit_supervised(
       cfg, workdir, mesh=mesh, tokenizer=tokenizer, head="lm",
       make_loss=lambda config: make_dpo_loss(config, beta=d.beta, loss_type=d.loss_type,
                                              label_smoothing=d.label_smoothing,
-                                             width=reply_width(train_rows + test_rows)),
+                                             width=width),
       train_rows=train_rows, eval_rows=test_rows, count_tokens=count_pair_tokens, desc="dpo",
-      rows_with_model=with_reference(cfg, workdir, mesh=mesh, key=run_key))
+      rows_with_model=with_reference(cfg, workdir, mesh=mesh, key=run_key, width=width))
   paths["reference_logps"] = os.path.join(workdir, REFERENCE_CACHE)
   report = {"stage": "dpo", "data": stats, "steps": steps, **summary, "outputs": paths,
             "test_accuracy": summary.get("final_eval", {}).get("val_accuracy")}
