@@ -47,6 +47,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("norm", None),
     ("score", None),
+    ("lora_rank", None),     # LoRA adapters: split like their kernel's other dimension
 )
 
 

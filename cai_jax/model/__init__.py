@@ -1,4 +1,6 @@
-"""Mistral in Flax Linen: config, module, KV cache."""
+"""Mistral in Flax Linen: config, module, KV cache, LoRA adapters."""
+
+from cai_jax.model import lora
 
 from cai_jax.model.config import MistralConfig
 from cai_jax.model.mistral import (KVCache, Mistral, MistralOutput, attention_mask_from_columns,

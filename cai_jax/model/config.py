@@ -18,6 +18,8 @@ REMAT_POLICIES = ("minimal", "none")
 # steps against the KV cache always use the einsum path. See `resolve_attention_impl`.
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
 DECODE_LOOPS = ("auto", "unroll", "scan")
+# The projections LoRA can adapt, by their Hugging Face module names (PEFT's target_modules).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +73,14 @@ class MistralConfig:
   # GPU, BENCHMARKS.md); "auto": unroll on accelerators, scan on CPU (where unrolling
   # measured ~13% slower, README). Training and prefill always scan.
   decode_loop: str = "auto"
+  # LoRA (Hu et al., 2021): with lora_rank > 0 every projection named in lora_targets gets
+  # adapters A [in, r] (random) and B [r, out] (zero) in float32 beside its kernel, and computes
+  # x W + (lora_alpha / lora_rank) * dropout(x) A B (dropout only when the caller passes a
+  # "dropout" rng). Not Hugging Face config fields: a merged export has lora_rank 0.
+  lora_rank: int = 0
+  lora_alpha: float = 32.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = LORA_TARGETS
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -90,6 +100,19 @@ class MistralConfig:
       raise ValueError(f"decode_loop must be one of {DECODE_LOOPS}, got {self.decode_loop!r}")
     if self.sliding_window is not None and self.sliding_window <= 0:
       object.__setattr__(self, "sliding_window", None)
+    targets = self.lora_targets
+    if isinstance(targets, str):
+      targets = [t for t in targets.replace(" ", "").split(",") if t]
+    object.__setattr__(self, "lora_targets", tuple(targets))
+    unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+    if unknown:
+      raise ValueError(f"lora targets {unknown} are not projections of Mistral; choose from "
+                       f"{', '.join(LORA_TARGETS)}")
+    if self.lora_rank < 0 or not 0.0 <= self.lora_dropout < 1.0:
+      raise ValueError(f"lora rank must be >= 0 and dropout in [0, 1), got rank="
+                       f"{self.lora_rank}, dropout={self.lora_dropout}")
+    if self.lora_rank and not self.lora_targets:
+      raise ValueError("lora rank > 0 needs at least one target projection")
 
   @property
   def compute_dtype(self):
@@ -98,6 +121,19 @@ class MistralConfig:
   @property
   def weight_dtype(self):
     return jnp.dtype(self.param_dtype)
+
+  @property
+  def lora_scale(self) -> float:
+    """alpha / rank: the factor of the adapters' product B A (0 without LoRA)."""
+    return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+  def adapts(self, module: str) -> bool:
+    """Whether the projection named `module` (e.g. "q_proj") carries LoRA adapters."""
+    return self.lora_rank > 0 and module in self.lora_targets
+
+  def without_lora(self) -> "MistralConfig":
+    """The same model without adapters (the base a LoRA run trains on, or its merge)."""
+    return self.replace(lora_rank=0)
 
   def unrolls_decode(self, backend: str | None = None) -> bool:
     """Whether a decode step unrolls its layer loop on `backend` (default: JAX's)."""

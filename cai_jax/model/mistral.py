@@ -140,21 +140,53 @@ class RMSNorm(nn.Module):
 
 
 class Einsum(nn.Module):
-  """A bias-free projection `einsum(eqn, x, kernel)` with a logically partitioned kernel.
+  """A bias-free projection `einsum(eqn, x, kernel)` with a logically partitioned kernel,
+  plus LoRA adapters when `config.adapts(name)`.
 
   Used instead of `nn.DenseGeneral`, whose initializer sees a flattened kernel
-  shape and so cannot carry per-dimension logical axis names.
+  shape and so cannot carry per-dimension logical axis names. The kernel's first
+  `n_in` dimensions are the ones contracted with `x`. Adapters: `lora_a` [in dims...,
+  r] (uniform in +-1/sqrt(fan_in), PEFT's default) and `lora_b` [r, out dims...] (zero),
+  float32, sharded on the kernel's axes; the output gains scale * (dropout(x) A) B.
   """
   eqn: str
   shape: tuple[int, ...]
   axes: tuple[str, ...]
-  dtype: Any
-  param_dtype: Any
+  config: MistralConfig
+  n_in: int = 1
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", _init(self.axes), self.shape, self.param_dtype)
-    return jnp.einsum(self.eqn, x.astype(self.dtype), kernel.astype(self.dtype))
+    cfg = self.config
+    kernel = self.param("kernel", _init(self.axes), self.shape, cfg.weight_dtype)
+    y = jnp.einsum(self.eqn, x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
+    if not cfg.adapts(self.name):
+      return y
+    n, r = self.n_in, cfg.lora_rank
+    a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform",
+                                              in_axis=tuple(range(n)), out_axis=n)
+    a = self.param("lora_a", nn.with_logical_partitioning(a_init, self.axes[:n] + ("lora_rank",)),
+                   self.shape[:n] + (r,), jnp.float32)
+    b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                          ("lora_rank",) + self.axes[n:]),
+                   (r,) + self.shape[n:], jnp.float32)
+    if cfg.lora_dropout and self.has_rng("dropout"):
+      x = nn.Dropout(cfg.lora_dropout, deterministic=False)(x)
+    a_eqn, b_eqn = lora_equations(self.eqn, n)
+    h = jnp.einsum(a_eqn, x.astype(cfg.compute_dtype), a.astype(cfg.compute_dtype))
+    delta = jnp.einsum(b_eqn, h, b.astype(cfg.compute_dtype))
+    return y + (cfg.lora_scale * delta).astype(y.dtype)
+
+
+def lora_equations(eqn: str, n_in: int) -> tuple[str, str]:
+  """The two einsums of a projection's adapters: x [.., in] -> [.., r] -> the output.
+
+  "btd,dhk->bthk" with one input dim gives ("btd,dr->btr", "btr,rhk->bthk")."""
+  inputs, out = eqn.split("->")
+  x_spec, k_spec = inputs.split(",")
+  r = next(c for c in "rzyxw" if c not in eqn)
+  kept = "".join(c for c in x_spec if c not in k_spec[:n_in])
+  return f"{x_spec},{k_spec[:n_in]}{r}->{kept}{r}", f"{kept}{r},{r}{k_spec[n_in:]}->{out}"
 
 
 def _attend(q: Array, k: Array, v: Array, mask: Array, dtype, k_transposed: bool = False) -> Array:
@@ -262,8 +294,7 @@ class Attention(nn.Module):
     `fused_attention_mask` or None."""
     cfg = self.config
     H, K, hd, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-    proj = lambda eqn, shape, axes, name: Einsum(eqn, shape, axes, cfg.compute_dtype,
-                                                 cfg.weight_dtype, name=name)
+    proj = lambda eqn, shape, axes, name, n_in=1: Einsum(eqn, shape, axes, cfg, n_in, name=name)
     q = proj("btd,dhk->bthk", (D, H, hd), ("embed", "heads", "head_dim"), "q_proj")(x)
     k = proj("btd,dhk->bthk", (D, K, hd), ("embed", "kv_heads", "head_dim"), "k_proj")(x)
     v = proj("btd,dhk->bthk", (D, K, hd), ("embed", "kv_heads", "head_dim"), "v_proj")(x)
@@ -313,7 +344,7 @@ class Attention(nn.Module):
       out = jnp.concatenate(outs, axis=1)
     else:
       out = _attend(q, k_all, v_all, mask, cfg.compute_dtype, k_transposed=layer_cache is not None)
-    out = proj("bthk,hkd->btd", (H, hd, D), ("heads", "head_dim", "embed"), "o_proj")(out)
+    out = proj("bthk,hkd->btd", (H, hd, D), ("heads", "head_dim", "embed"), "o_proj", 2)(out)
     return out, new_cache
 
 
@@ -323,14 +354,12 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    dense = lambda feats, axes, name: nn.Dense(
-        feats, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-        kernel_init=_init(axes), name=name)
-    gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
-    up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    gate = Einsum("btd,df->btf", (D, F), ("embed", "mlp"), cfg, name="gate_proj")(x)
+    up = Einsum("btd,df->btf", (D, F), ("embed", "mlp"), cfg, name="up_proj")(x)
     h = constrain(jax.nn.silu(gate) * up,
-                                   ("activation_batch", "activation_length", "activation_mlp"))
-    return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(h)
+                  ("activation_batch", "activation_length", "activation_mlp"))
+    return Einsum("btf,fd->btd", (F, D), ("mlp", "embed"), cfg, name="down_proj")(h)
 
 
 class DecoderLayer(nn.Module):
@@ -477,7 +506,7 @@ class Mistral(nn.Module):
       layer_cls = nn.remat(layer_cls, prevent_cse=False,
                            policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     layers = nn.scan(
-        layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+        layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"},
         # Fully unrolled, lax.scan emits no loop: each layer reads its slice of the
