@@ -16,7 +16,7 @@ import numpy as np
 
 from cai_jax import checkpoint, parallel
 from cai_jax.data import batching
-from cai_jax.model import Mistral, MistralConfig, param_shardings
+from cai_jax.model import Mistral, MistralConfig, dropout_rngs, param_shardings
 from cai_jax.tokenizer import Tokenizer, get_template
 
 
@@ -35,21 +35,24 @@ def segment_last_scores(values: jax.Array, segment_ids: jax.Array, num_segments:
   return jnp.where(last >= 0, picked, 0.0)
 
 
-def rm_scores_at(config: MistralConfig, params, tokens, attention_mask, last, positions=None):
+def rm_scores_at(config: MistralConfig, params, tokens, attention_mask, last, positions=None,
+                 dropout_rng=None):
   """The reward model's scalar at column `last` [B] of each row of `tokens` [B, T] (any
   layout: PPO's left-padded prompt | response rows pass their `positions`). The params are
   an argument, not a closure: a closed-over 7B reward model would be baked into the
   compiled program as constants."""
   values = Mistral(config, head="scalar").apply({"params": params}, tokens, positions=positions,
-                                                attention_mask=attention_mask)
+                                                attention_mask=attention_mask,
+                                                rngs=dropout_rngs(config, dropout_rng))
   return jnp.take_along_axis(values, last[:, None], axis=1)[:, 0]
 
 
-def rm_scores(config: MistralConfig, params, tokens, lengths):
+def rm_scores(config: MistralConfig, params, tokens, lengths, dropout_rng=None):
   """tokens [B, T] right-padded, lengths [B] -> scores [B] at each row's last token."""
   T = tokens.shape[1]
   mask = jnp.arange(T)[None, :] < lengths[:, None]
-  return rm_scores_at(config, params, tokens, mask, jnp.maximum(lengths - 1, 0))
+  return rm_scores_at(config, params, tokens, mask, jnp.maximum(lengths - 1, 0),
+                      dropout_rng=dropout_rng)
 
 
 class RewardScorer:

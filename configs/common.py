@@ -37,6 +37,22 @@ def guard_config(*, loss_spike: float = 10.0, max_param_norm_growth: float = 10.
       min_entropy=min_entropy, max_entropy_fraction=max_entropy_fraction))
 
 
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def lora_config(rank: int = 0) -> ml_collections.ConfigDict:
+  """LoRA for a trained stage (cai_jax.model.lora); rank 0 = full fine-tuning.
+
+  rank, alpha (the adapters' product is scaled by alpha / rank), dropout (on the adapters'
+  input, training only), targets (comma-separated HF projection names), base_dtype (the
+  frozen base's storage dtype, e.g. "bfloat16"; "" = param_dtype; adapters are always
+  float32), init_adapter (a Hugging Face PEFT adapter directory to start from instead of
+  fresh adapters; its r, lora_alpha and target_modules must match).
+  """
+  return ml_collections.ConfigDict(dict(rank=rank, alpha=32.0, dropout=0.0, targets=LORA_TARGETS,
+                                        base_dtype="", init_adapter=""))
+
+
 def add_run_fields(c: ml_collections.ConfigDict, *, eval_every: int, save_every: int,
                    log_every: int = 5, keep_checkpoints: int = 2) -> None:
   """Fields every training stage has: mesh, numerics, cadence, checkpoints, seed, export."""
@@ -53,6 +69,7 @@ def add_run_fields(c: ml_collections.ConfigDict, *, eval_every: int, save_every:
   c.seed = 0
   c.export_hf = True                    # also write the final model as HF safetensors
   c.guard = guard_config()
+  c.lora = lora_config()
 
 
 def backend_config(**overrides) -> ml_collections.ConfigDict:

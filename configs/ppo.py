@@ -15,7 +15,7 @@ noisy to learn in that budget; a decaying lr stalled the second half.
 import ml_collections
 
 from configs import models
-from configs.common import guard_config, mesh_config, optim_config
+from configs.common import guard_config, lora_config, mesh_config, optim_config
 
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
@@ -39,6 +39,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.param_dtype = ""
   c.frozen_dtype = ""                   # e.g. "bfloat16" for the reference and reward model
   c.remat = False
+  # LoRA on the actor (the reference is its base with the adapters off) and, with gae, on the
+  # critic (an adapter and its own value head on the reward model's frozen body).
+  c.lora = lora_config()
   c.ppo = ml_collections.ConfigDict(dict(
       max_new_tokens=32,
       temperature=1.0,

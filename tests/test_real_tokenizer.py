@@ -280,10 +280,11 @@ def test_ppo_stops_on_the_multi_token_marker_and_reads_its_last_token(
   rows, _ = ppo.load_prompt_rows(path, tok, NEMO, cfg.max_prompt_len, tok.pad_id)
   batch = {k: np.stack([r[k] for r in rows]) for k in ("ids", "length")}
   device_batch = step.put_batch(batch)
-  r = step.rollout_fn(state.actor.params, device_batch["ids"], device_batch["length"],
-                      step.eval_sp, step.eval_key)
+  r = step.rollout_fn(state.actor.params, step.models.frozen, device_batch["ids"],
+                      device_batch["length"], step.eval_sp, step.eval_key)
   scores, lengths, stopped, _ = jax.device_get(step.eval_fn(
-      state.actor.params, step.models.ref_params, step.models.reward_params, r))
+      state.actor.params, step.models.frozen, step.models.ref_params, step.models.reward_params,
+      r))
   seq = np.asarray(jax.device_get(r.seq))
   P = cfg.max_prompt_len
   for i in (0, 2):                      # SHORT: "Hi!\n" then the whole marker, then stop

@@ -152,8 +152,8 @@ def test_nemo_exact_setting_reproduces_nemo_aligners_losses(sp_model_path, promp
                              reward_fn=reward(cfg))
   batch = step.put_batch({k: np.stack([r[k] for r in rows[:16]]) for k in ("ids", "length")})
   _, roll_key, update_key = step.rng_fn(state.actor.rng)
-  rollout = step.rollout_fn(state.actor.params, batch["ids"], batch["length"], step.train_sp,
-                            roll_key)
+  rollout = step.rollout_fn(state.actor.params, step.models.frozen, batch["ids"], batch["length"],
+                            step.train_sp, roll_key)
   # The random policy rarely emits the end of turn in 8 tokens; which rows "ended" (NeMo's
   # is_end) and how long they are is set here, as a policy that stops would make them.
   lengths = np.array([1, 8, 3, 8, 5, 8, 2, 8, 8, 6, 8, 4, 8, 7, 8, 8], np.int32)
@@ -165,9 +165,10 @@ def test_nemo_exact_setting_reproduces_nemo_aligners_losses(sp_model_path, promp
       mask=mask, lengths=lengths, stopped=stopped, logp=np.where(mask, host.logp, 0.0),
       valid=np.concatenate([host.valid[:, :cfg.max_prompt_len], mask], axis=1)))
   beta = step.put_replicated(np.float32(cfg.ppo.init_kl_coef))
-  exp, _ = step.score_fn(state.actor.params, step.models.ref_params, state.critic.params,
-                         step.models.reward_params, rollout, beta)
-  _, _, stats = step.update_fn(state.actor, state.critic, exp, beta, update_key)
+  exp, _ = step.score_fn(state.actor.params, state.critic.params, step.models.frozen,
+                         step.models.ref_params, step.models.reward_params, rollout, beta)
+  _, _, stats = step.update_fn(state.actor, state.critic, exp, beta, update_key,
+                               step.models.frozen)
   exp, stats = jax.device_get((exp, stats))
   r, m = exp.rollout, exp.rollout.mask
   assert 0 < r.stopped.sum() < len(r.stopped)

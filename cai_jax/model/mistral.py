@@ -383,6 +383,14 @@ class DecoderLayer(nn.Module):
     return (x, None), (new_cache if self.return_kv else None)
 
 
+def dropout_rngs(config: MistralConfig, rng) -> dict | None:
+  """`rngs` for `Mistral.apply` in a training forward: a "dropout" key when the model has
+  LoRA dropout and `rng` is given; None (deterministic) otherwise, e.g. in evaluation."""
+  if rng is None or not (config.lora_rank and config.lora_dropout):
+    return None
+  return {"dropout": rng}
+
+
 class MistralOutput(NamedTuple):
   logits: Array | None        # [B, T, vocab] (lm head) or [B, T] (scalar head), float32;
                               # None with apply_head=False

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from cai_jax import checkpoint, parallel
 from cai_jax.data import jsonl
-from cai_jax.model import MistralConfig, init_params, param_shardings
+from cai_jax.model import MistralConfig, init_params, lora, param_shardings
 
 
 def model_config_from(cfg) -> MistralConfig:
@@ -60,6 +61,123 @@ def load_or_init(cfg, mesh: Mesh, *, head: str = "lm", init_from: str | None = N
     params = {k: v for k, v in params.items() if k not in ("lm_head", "score")}
     params.update({k: fresh[k] for k in ("lm_head", "score") if k in fresh})
   return config, params, shardings
+
+
+class Trained(NamedTuple):
+  """A model as a stage trains it: `params` are the leaves the optimizer updates (all of them
+  under full fine-tuning; the adapters, plus a head where the stage trains one, under LoRA)
+  and `frozen` the rest ({} under full fine-tuning). `config` has the stage's LoRA fields."""
+  config: MistralConfig
+  params: Any
+  shardings: Any
+  frozen: Any
+  frozen_shardings: Any
+  base: dict               # where the frozen base came from (`BasePointer`), {} if nothing
+
+  def full(self, params=None) -> tuple[Any, Any]:
+    """(every leaf of the model, their shardings), with `params` for the trained ones."""
+    return (lora.combine(self.params if params is None else params, self.frozen),
+            lora.combine(self.shardings, self.frozen_shardings))
+
+
+def lora_rank(cfg) -> int:
+  return int(cfg.lora.rank) if cfg.get("lora") is not None else 0
+
+
+def with_lora(config: MistralConfig, lora_cfg) -> MistralConfig:
+  """`config` with the adapters a stage's `lora` block describes (rank 0: none)."""
+  return config.replace(lora_rank=int(lora_cfg.rank), lora_alpha=float(lora_cfg.alpha),
+                        lora_dropout=float(lora_cfg.dropout), lora_targets=lora_cfg.targets)
+
+
+def load_trained(cfg, mesh: Mesh, *, head: str = "lm", init_from: str | None = None,
+                 seed: int = 0, allow_head_change: bool = False,
+                 trained_heads: tuple[str, ...] = (), frozen_base=None) -> Trained:
+  """The model a stage trains, created or restored directly on the mesh (`load_or_init`).
+
+  With `cfg.lora.rank` 0 every param is trained. Otherwise the base is loaded in
+  `cfg.lora.base_dtype` (default: the param dtype) and frozen; the adapters start fresh (A
+  random, B zero: the model computes what the base does) or from the PEFT adapter
+  `cfg.lora.init_adapter`, and together with `trained_heads` (e.g. ("score",)) they are
+  trained, in float32. `frozen_base` = (config, params, shardings) of a base already on the
+  mesh (PPO's critic on the reward model's body) is used instead of loading one.
+  """
+  rank = lora_rank(cfg)
+  if not rank:
+    config, params, shardings = load_or_init(cfg, mesh, head=head, init_from=init_from,
+                                             seed=seed, allow_head_change=allow_head_change)
+    return Trained(config, params, shardings, {}, {}, {})
+  init_from = cfg.get("init_from", "") if init_from is None else init_from
+  if frozen_base is None:
+    base_cfg = cfg
+    if cfg.lora.base_dtype:
+      base_cfg = cfg.copy_and_resolve_references()
+      with base_cfg.unlocked():
+        base_cfg.param_dtype = cfg.lora.base_dtype
+    frozen_base = load_or_init(base_cfg, mesh, head=head, init_from=init_from, seed=seed,
+                               allow_head_change=allow_head_change)
+  config, base, base_sh = frozen_base
+  config = with_lora(config, cfg.lora)
+  heads, frozen = lora.split(base, lambda path: path[0] in trained_heads)
+  heads_sh, frozen_sh = lora.split(base_sh, lambda path: path[0] in trained_heads)
+  heads = jax.jit(lambda t: jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), t),
+                  out_shardings=heads_sh)(heads)
+  adapters, adapters_sh = lora.init_adapters(config, mesh, jax.random.PRNGKey(seed + 17),
+                                             head=head)
+  if cfg.lora.init_adapter:
+    from cai_jax import peft
+    loaded = peft.load_adapter(cfg.lora.init_adapter, config, head=head)
+    loaded_adapters, loaded_heads = lora.split(loaded)
+    adapters = jax.device_put(loaded_adapters, adapters_sh)
+    if loaded_heads:
+      heads = jax.device_put({**heads, **loaded_heads}, heads_sh)
+  return Trained(config, lora.combine(adapters, heads), lora.combine(adapters_sh, heads_sh),
+                 frozen, frozen_sh, base_pointer(init_from))
+
+
+def describe_trained(trained: Trained) -> str:
+  """"full fine-tuning, N params" or "LoRA rank r: N trained of M params" (for the log)."""
+  n = lora.count(trained.params)
+  if not trained.config.lora_rank:
+    return f"full fine-tuning, {n:,} params"
+  total = n + lora.count(trained.frozen)
+  return (f"LoRA rank {trained.config.lora_rank}: {n:,} trained of {total:,} params "
+          f"({100 * n / total:.2f}%)")
+
+
+def base_pointer(init_from: str) -> dict:
+  """What a LoRA checkpoint records of its frozen base: the directory and the hash of its
+  config.json (the weights themselves are not copied into every checkpoint)."""
+  if not init_from:
+    return {"path": "", "config_sha256": ""}
+  return {"path": os.path.abspath(init_from),
+          "config_sha256": jsonl.file_sha256(os.path.join(init_from, "config.json"))}
+
+
+class BasePointer:
+  """Host-side state of a LoRA run for the training loop's checkpoints (`host_state`): the
+  frozen base's pointer is saved with every checkpoint, and a resume refuses a base that is
+  not the one the adapters were trained on."""
+
+  def __init__(self, pointer: dict):
+    self.pointer = dict(pointer)
+
+  def state(self) -> dict:
+    return self.pointer
+
+  def restore(self, saved: dict) -> None:
+    if saved.get("config_sha256") != self.pointer.get("config_sha256"):
+      from cai_jax.train.checkpointing import CheckpointRestoreError
+      raise CheckpointRestoreError(
+          f"the checkpoint's adapters were trained on the base {saved.get('path')!r} "
+          f"(config.json sha256 {saved.get('config_sha256')}), this run loads "
+          f"{self.pointer.get('path')!r} (sha256 {self.pointer.get('config_sha256')}); "
+          "point init_from at the original base or use another workdir")
+
+
+def host_state_of(trained: Trained) -> dict:
+  """The loop's `host_state` entries a trained model adds (its base pointer under LoRA)."""
+  return {"lora_base": BasePointer(trained.base)} if trained.config.lora_rank else {}
 
 
 def make_put_batch(mesh: Mesh):
@@ -113,6 +231,24 @@ def export_model(out_dir: str, config: MistralConfig, params: Any, *, head: str 
       shutil.copyfile(tokenizer_path, os.path.join(p, "tokenizer.model"))
     if hf:
       _set_hf_pad_token(paths["hf"], tokenizer_path)
+  return paths
+
+
+def export_trained(out_dir: str, trained: Trained, params: Any, *, head: str = "lm",
+                   hf: bool = True, tokenizer_path: str | None = None) -> dict:
+  """`export_model` of the trained model (`params`: its trained leaves). Under LoRA the model
+  exported is the merge (every kernel W + scale * B A, no adapters) and the adapters alone
+  are also written in Hugging Face PEFT format to `adapter/` (`cai_jax.peft`)."""
+  full, _ = trained.full(params)
+  if not trained.config.lora_rank:
+    return export_model(out_dir, trained.config, full, head=head, hf=hf,
+                        tokenizer_path=tokenizer_path)
+  from cai_jax import peft
+  config, merged = lora.merge(trained.config, full)
+  paths = export_model(out_dir, config, merged, head=head, hf=hf, tokenizer_path=tokenizer_path)
+  paths["adapter"] = os.path.join(out_dir, "adapter")
+  peft.save_adapter(paths["adapter"], trained.config, params, head=head,
+                    base_model=trained.base.get("path", ""))
   return paths
 
 

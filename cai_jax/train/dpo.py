@@ -100,7 +100,7 @@ def reply_width(rows: list[dict]) -> int:
 
 
 def response_logprobs(config: MistralConfig, params, tokens, response_mask, lengths,
-                      width: int = 0):
+                      width: int = 0, dropout_rng=None):
   """Summed log-probs [N] of the reply tokens of right-padded rows, and their counts [N].
 
   tokens, response_mask int [N, T] (1 on the reply's tokens, one contiguous span),
@@ -114,7 +114,7 @@ def response_logprobs(config: MistralConfig, params, tokens, response_mask, leng
   segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
   batch = {"tokens": tokens, "positions": positions, "segment_ids": segment_ids,
            "loss_mask": response_mask}
-  hidden = lm_hidden(config, params, batch)
+  hidden = lm_hidden(config, params, batch, dropout_rng)
   targets, mask = next_token_targets(batch)
   if 0 < width < T:
     first = jnp.argmax(response_mask > 0, axis=1)          # the reply's first token
@@ -129,12 +129,12 @@ def response_logprobs(config: MistralConfig, params, tokens, response_mask, leng
   return logp, jnp.sum(mask.astype(jnp.float32), axis=-1)
 
 
-def pair_logprobs(config: MistralConfig, params, batch: dict, width: int = 0):
+def pair_logprobs(config: MistralConfig, params, batch: dict, width: int = 0, dropout_rng=None):
   """Chosen and rejected in one forward: ([B, 2] summed reply log-probs, [B, 2] counts)."""
   B, _, T = batch["tokens"].shape
   logp, count = response_logprobs(config, params, batch["tokens"].reshape(2 * B, T),
                                   batch["response_mask"].reshape(2 * B, T),
-                                  batch["lengths"].reshape(2 * B), width)
+                                  batch["lengths"].reshape(2 * B), width, dropout_rng)
   return logp.reshape(B, 2), count.reshape(B, 2)
 
 
@@ -147,8 +147,7 @@ def make_dpo_loss(config: MistralConfig, *, beta: float, loss_type: str = "sigmo
     raise ValueError(f"dpo.loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
   def loss_fn(params, batch, rng):
-    del rng
-    logp, count = pair_logprobs(config, params, batch, width)
+    logp, count = pair_logprobs(config, params, batch, width, rng)
     p = batch["p_chosen"].astype(jnp.float32)
     ref_c = batch["ref_chosen"].astype(jnp.float32)
     ref_r = batch["ref_rejected"].astype(jnp.float32)

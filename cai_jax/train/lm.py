@@ -9,15 +9,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from cai_jax.model import Mistral, MistralConfig, lm_head_kernel
+from cai_jax.model import Mistral, MistralConfig, dropout_rngs, lm_head_kernel
 
 
-def lm_hidden(config: MistralConfig, params, batch: dict):
+def lm_hidden(config: MistralConfig, params, batch: dict, dropout_rng=None):
   """Final hidden states [B, T, D] for a batch of `tokens`, `segment_ids` (0 = pad),
-  `positions`; the vocab head is left to `vocab_logprobs`."""
+  `positions`; the vocab head is left to `vocab_logprobs`. `dropout_rng`: a training
+  forward's key for LoRA dropout (`dropout_rngs`)."""
   seg = batch["segment_ids"]
   return Mistral(config).apply({"params": params}, batch["tokens"], positions=batch["positions"],
-                               attention_mask=seg > 0, segment_ids=seg, apply_head=False).hidden
+                               attention_mask=seg > 0, segment_ids=seg, apply_head=False,
+                               rngs=dropout_rngs(config, dropout_rng)).hidden
 
 
 def next_token_targets(batch: dict):
@@ -111,8 +113,7 @@ def make_lm_loss(config: MistralConfig):
   """loss_fn(params, batch, rng) -> (sum NLL, #targets, {"accuracy": #correct})."""
 
   def loss_fn(params, batch, rng):
-    del rng
-    hidden = lm_hidden(config, params, batch)
+    hidden = lm_hidden(config, params, batch, rng)
     targets, mask = next_token_targets(batch)
     out = vocab_logprobs(hidden, lm_head_kernel(config, params), targets)
     maskf = mask.astype(jnp.float32)

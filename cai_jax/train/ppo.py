@@ -49,7 +49,7 @@ from cai_jax import parallel, preflight, sampling, scoring
 from cai_jax.compile_options import gradient_program_options
 from cai_jax.data import batching, jsonl
 from cai_jax.metrics import MetricsWriter
-from cai_jax.model import Mistral, MistralConfig, lm_head_kernel
+from cai_jax.model import Mistral, MistralConfig, dropout_rngs, lm_head_kernel, lora
 from cai_jax.tokenizer import ChatTemplate, Tokenizer, get_template
 from cai_jax.train import common, identity, rl
 from cai_jax.train.checkpointing import Checkpointer
@@ -102,14 +102,15 @@ class PPOState:
 # --- forward passes over [prompt | response] ------------------------------------
 
 def response_logprobs(config: MistralConfig, params, r: Rollout, P: int, temperature: float,
-                      with_entropy: bool = False):
+                      with_entropy: bool = False, dropout_rng=None):
   """Log-probs [B, N] of the response tokens (and per-token entropies) at `temperature`.
 
   Column P+t-1 predicts response token t; the vocab head runs on those columns only,
-  fused with the log-softmax (`vocab_logprobs`)."""
+  fused with the log-softmax (`vocab_logprobs`). `dropout_rng`: LoRA dropout in the update."""
   N = r.mask.shape[1]
   hidden = Mistral(config).apply({"params": params}, r.seq, positions=r.positions,
-                                 attention_mask=r.valid, apply_head=False).hidden
+                                 attention_mask=r.valid, apply_head=False,
+                                 rngs=dropout_rngs(config, dropout_rng)).hidden
   out = vocab_logprobs(hidden[:, P - 1:P + N - 1], lm_head_kernel(config, params), r.seq[:, P:],
                        temperature, with_entropy)
   logp = jnp.where(r.mask, out.logp, 0.0)
@@ -118,11 +119,12 @@ def response_logprobs(config: MistralConfig, params, r: Rollout, P: int, tempera
   return logp, jnp.where(r.mask, out.entropy, 0.0)
 
 
-def response_values(config: MistralConfig, params, r: Rollout, P: int):
+def response_values(config: MistralConfig, params, r: Rollout, P: int, dropout_rng=None):
   """Critic values [B, N]: V before emitting response token t = head output at column P+t-1."""
   N = r.mask.shape[1]
   v = Mistral(config, head="scalar").apply({"params": params}, r.seq, positions=r.positions,
-                                           attention_mask=r.valid, head_columns=(P - 1, P + N - 1))
+                                           attention_mask=r.valid, head_columns=(P - 1, P + N - 1),
+                                           rngs=dropout_rngs(config, dropout_rng))
   return jnp.where(r.mask, v, 0.0)
 
 
@@ -242,15 +244,17 @@ def experience_metrics(exp: Experience, raw_score, raw_adv, k3) -> dict:
 
 
 def update(actor_cfg, critic_cfg, actor_tx, critic_tx, actor: TrainState,
-           critic: TrainState | None, exp: Experience, kl_coef, key, *, P: int, hp):
+           critic: TrainState | None, exp: Experience, kl_coef, key, frozen: "Frozen", *, P: int,
+           hp):
   """E epochs x M shuffled minibatches of the clipped policy loss (plus `kl_coef` x the KL
   to the reference when `hp.kl_in == "loss"`) and, with a critic, the clipped value loss;
   each reduced by `hp.loss_agg`. With `hp.unfinished == "mask"` responses that never ended
   are left out of the policy loss (NeMo-Aligner's `is_end` mask; the value loss keeps them).
 
   Returns the new states and the per-minibatch statistics, each [E, M] (the
-  first minibatch of the first epoch sees the rollout policy itself: ratio 1),
-  plus the param norms after the update.
+  first minibatch of the first epoch sees the rollout policy itself: ratio 1, unless LoRA
+  dropout perturbs it), plus the param norms after the update. Under LoRA the states hold
+  the adapters (and the critic's head) and `frozen` the bases they are joined with.
   """
   B = exp.rollout.seq.shape[0]
   M = hp.num_minibatches
@@ -260,10 +264,10 @@ def update(actor_cfg, critic_cfg, actor_tx, critic_tx, actor: TrainState,
               policy_mask=policy_mask, logp=r.logp, ref_logp=exp.ref_logp, values=exp.values,
               advantages=exp.advantages, returns=exp.returns)
 
-  def actor_loss(params, mb):
+  def actor_loss(params, mb, rng):
     r = Rollout(mb["seq"], mb["valid"], mb["positions"], mb["mask"], mb["logp"], None, None)
-    logp, entropy = response_logprobs(actor_cfg, params, r, P, hp.temperature,
-                                      with_entropy=True)
+    logp, entropy = response_logprobs(actor_cfg, lora.combine(params, frozen.actor), r, P,
+                                      hp.temperature, with_entropy=True, dropout_rng=rng)
     mask = mb["policy_mask"]
     loss, stats = rl.policy_loss(logp, mb["logp"], mb["advantages"], mask, hp.clip_eps,
                                  hp.loss_agg)
@@ -275,9 +279,9 @@ def update(actor_cfg, critic_cfg, actor_tx, critic_tx, actor: TrainState,
       stats["kl_loss"] = kl
     return total, {"policy_loss": loss, "entropy": ent, **stats}
 
-  def critic_loss(params, mb):
+  def critic_loss(params, mb, rng):
     r = Rollout(mb["seq"], mb["valid"], mb["positions"], mb["mask"], None, None, None)
-    values = response_values(critic_cfg, params, r, P)
+    values = response_values(critic_cfg, lora.combine(params, frozen.critic), r, P, rng)
     loss, stats = rl.value_loss(values, mb["values"], mb["returns"], mb["mask"], hp.value_clip,
                                 hp.loss_agg)
     return hp.vf_coef * loss, {"value_loss": loss, **stats}
@@ -287,20 +291,25 @@ def update(actor_cfg, critic_cfg, actor_tx, critic_tx, actor: TrainState,
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          opt_state=opt_state)
 
-  def minibatch_step(carry, mb):
+  def minibatch_step(carry, xs):
     actor, critic = carry
-    (_, stats), a_grads = jax.value_and_grad(actor_loss, has_aux=True)(actor.params, mb)
+    mb, k = xs
+    a_key, c_key = jax.random.split(jax.random.wrap_key_data(k))
+    (_, stats), a_grads = jax.value_and_grad(actor_loss, has_aux=True)(actor.params, mb, a_key)
     stats["actor_grad_norm"] = optax.global_norm(a_grads)
     if critic is not None:
-      (_, c_stats), c_grads = jax.value_and_grad(critic_loss, has_aux=True)(critic.params, mb)
+      (_, c_stats), c_grads = jax.value_and_grad(critic_loss, has_aux=True)(critic.params, mb,
+                                                                            c_key)
       stats.update(c_stats, critic_grad_norm=optax.global_norm(c_grads))
       critic = apply(critic, critic_tx, c_grads)
     return (apply(actor, actor_tx, a_grads), critic), stats
 
   def epoch_step(carry, k):
     perm = jax.random.permutation(jax.random.wrap_key_data(k), B)
+    dropout_key = jax.random.fold_in(jax.random.wrap_key_data(k), 1)
     mbs = jax.tree_util.tree_map(lambda x: x[perm].reshape((M, B // M) + x.shape[1:]), rows)
-    return jax.lax.scan(minibatch_step, carry, mbs)
+    return jax.lax.scan(minibatch_step, carry,
+                        (mbs, jax.random.key_data(jax.random.split(dropout_key, M))))
 
   keys = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(key), hp.ppo_epochs))
   (actor, critic), stats = jax.lax.scan(epoch_step, (actor, critic), keys)
@@ -321,9 +330,18 @@ def summarize_update(stats: dict) -> dict:
 
 # --- the models and the state ---------------------------------------------------
 
+class Frozen(NamedTuple):
+  """The untrained leaves the trained models are joined with: under LoRA the actor's base
+  (which is also the reference) and the critic's body (the reward model's, shared); {} under
+  full fine-tuning. An argument of every compiled phase, never a baked-in constant."""
+  actor: Any
+  critic: Any
+
+
 class Models(NamedTuple):
-  """The models on the mesh (four with GAE's critic, three without). The ones that train
-  (actor, critic) live in `PPOState`; here are their configs and the frozen two."""
+  """The models on the mesh (four with GAE's critic, three without). The leaves that train
+  (actor, critic) live in `PPOState`; here are the configs, the frozen leaves and models, and
+  (`actor`, `critic`: `common.Trained` without params) what exporting the actor needs."""
   actor_cfg: MistralConfig
   critic_cfg: MistralConfig | None
   ref_cfg: MistralConfig
@@ -332,6 +350,10 @@ class Models(NamedTuple):
   reward: Callable          # (params, seq, valid, positions, last_col) -> score [B]
   reward_params: Any
   reward_shardings: Any
+  frozen: Frozen
+  frozen_shardings: Frozen
+  actor: common.Trained
+  critic: common.Trained | None
 
 
 def _with(cfg, **changes):
@@ -345,8 +367,13 @@ def _with(cfg, **changes):
 def load_models(cfg, mesh, *, reward_fn: RewardFn | None = None):
   """Actor and reference from `cfg.actor_init` (the SFT model), critic (GAE only) from
   `cfg.critic_init` or the reward model, reward model from `cfg.rm_init` (or `reward_fn`),
-  all created or restored directly on `mesh`; the frozen two in `cfg.frozen_dtype`.
-  Returns (Models, (actor params, shardings), (critic params, shardings) or None)."""
+  all created or restored directly on `mesh`; the frozen ones in `cfg.frozen_dtype`.
+
+  With `cfg.lora.rank` > 0 there is no separate reference: the actor's frozen base (in
+  lora.base_dtype, default frozen_dtype) with the adapters off is the reference; and the
+  critic is an adapter with its own value head on the reward model's frozen body (the same
+  arrays the reward model scores with), unless `critic_init` names another model.
+  Returns (Models, actor `common.Trained`, critic `common.Trained` or None)."""
   if reward_fn is None and not cfg.rm_init:
     raise ValueError("config.rm_init: a reward model directory is required (the output "
                      "directory of launch.train_rm, or an HF sequence-classification model)")
@@ -354,44 +381,54 @@ def load_models(cfg, mesh, *, reward_fn: RewardFn | None = None):
     logging.warning("config.actor_init is empty: the actor and reference are RANDOM "
                     "config.model weights (tests only; pass the SFT model directory)")
   seed = cfg.seed
-  actor_cfg, actor_params, actor_sh = common.load_or_init(
-      cfg, mesh, head="lm", init_from=cfg.actor_init, seed=seed)
-  frozen = {k: cfg.frozen_dtype for k in ("param_dtype", "dtype") if cfg.frozen_dtype}
-  frozen_cfg = _with(cfg, **frozen)
-  ref_cfg, ref_params, ref_sh = common.load_or_init(
-      frozen_cfg, mesh, head="lm", init_from=cfg.actor_init, seed=seed)
-  critic_cfg, critic = None, None
-  if cfg.ppo.advantage == "gae":
-    critic_cfg, critic_params, critic_sh = common.load_or_init(
-        cfg, mesh, head="scalar", init_from=cfg.critic_init or cfg.rm_init, seed=seed + 1,
-        allow_head_change=True)
-    critic = (critic_params, critic_sh)
+  frozen_cfg = _with(cfg, **{k: cfg.frozen_dtype for k in ("param_dtype", "dtype")
+                             if cfg.frozen_dtype})
+  use_lora = common.lora_rank(cfg) > 0
+  if use_lora and not cfg.lora.base_dtype and cfg.frozen_dtype:
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.lora.base_dtype = cfg.frozen_dtype
+  actor = common.load_trained(cfg, mesh, head="lm", init_from=cfg.actor_init, seed=seed)
+  if use_lora:
+    ref_cfg, ref_params, ref_sh = actor.config.without_lora(), actor.frozen, actor.frozen_shardings
+  else:
+    ref_cfg, ref_params, ref_sh = common.load_or_init(
+        frozen_cfg, mesh, head="lm", init_from=cfg.actor_init, seed=seed)
+  rm = None
   if reward_fn is None:
-    rm_cfg, reward_params, reward_sh = common.load_or_init(
-        frozen_cfg, mesh, head="scalar", init_from=cfg.rm_init, seed=seed)
+    rm = common.load_or_init(frozen_cfg, mesh, head="scalar", init_from=cfg.rm_init, seed=seed)
+    rm_cfg, reward_params, reward_sh = rm
     reward = lambda params, seq, valid, positions, last_col: scoring.rm_scores_at(
         rm_cfg, params, seq, valid, last_col, positions)
   else:
     reward_params, reward_sh = {}, {}
     reward = lambda _, *args: reward_fn(*args)
-  models = Models(actor_cfg, critic_cfg, ref_cfg, ref_params, ref_sh, reward, reward_params,
-                  reward_sh)
-  return models, (actor_params, actor_sh), critic
+  critic = None
+  if cfg.ppo.advantage == "gae":
+    shared = rm if use_lora and cfg.critic_init in ("", cfg.rm_init) else None
+    critic = common.load_trained(cfg, mesh, head="scalar", init_from=cfg.critic_init or cfg.rm_init,
+                                 seed=seed + 1, allow_head_change=True,
+                                 trained_heads=("score",), frozen_base=shared)
+  frozen = Frozen(actor.frozen, critic.frozen if critic else {})
+  frozen_sh = Frozen(actor.frozen_shardings, critic.frozen_shardings if critic else {})
+  models = Models(actor.config, critic.config if critic else None, ref_cfg, ref_params, ref_sh,
+                  reward, reward_params, reward_sh, frozen, frozen_sh,
+                  actor._replace(params=None), critic._replace(params=None) if critic else None)
+  return models, actor, critic
 
 
-def init_state(cfg, mesh, actor, critic):
-  """The first `PPOState` (AdamW states, the run's key) and its shardings, from the (params,
-  shardings) pairs of `load_models` (critic None: no critic). Also returns the optimizers."""
+def init_state(cfg, mesh, actor: common.Trained, critic: common.Trained | None):
+  """The first `PPOState` (AdamW states of the trained leaves, the run's key) and its
+  shardings, from `load_models`' trained models (critic None: no critic). Also returns the
+  optimizers."""
   hp = cfg.ppo
   total_updates = cfg.iterations * hp.ppo_epochs * hp.num_minibatches
-  actor_params, actor_param_sh = actor
   actor_tx, _ = make_optimizer(cfg.actor_optim, total_updates)
-  actor_state, actor_sh = create_state(actor_params, actor_tx, actor_param_sh, mesh, cfg.seed)
+  actor_state, actor_sh = create_state(actor.params, actor_tx, actor.shardings, mesh, cfg.seed)
   critic_tx = critic_state = critic_sh = None
   if critic is not None:
-    critic_params, critic_param_sh = critic
     critic_tx, _ = make_optimizer(cfg.critic_optim, total_updates)
-    critic_state, critic_sh = create_state(critic_params, critic_tx, critic_param_sh, mesh,
+    critic_state, critic_sh = create_state(critic.params, critic_tx, critic.shardings, mesh,
                                            cfg.seed + 1)
   state = PPOState(actor=actor_state, critic=critic_state)
   shardings = PPOState(actor=actor_sh, critic=critic_sh)
@@ -464,30 +501,38 @@ class Iteration:
     exp_sh = Experience(roll_sh, rows(2), rows(2), rows(2), rows(2), rows(1), rows(2))
 
     self.rng_fn = jax.jit(split_rng, in_shardings=replicated, out_shardings=replicated)
+    # Every program takes the frozen leaves (`Frozen`, {} under full fine-tuning) as an
+    # argument and joins them with the trained ones (`lora.combine`) inside.
+    frozen_sh = m.frozen_shardings
     self.rollout_fn = jax.jit(
-        functools.partial(rollout, m.actor_cfg, max_new_tokens=N, pad_id=self.tokenizer.pad_id),
-        in_shardings=(actor_sh.params, rows(2), rows(1), sampling.sampling_params_shardings(mesh),
-                      replicated),
+        lambda actor, frozen, *args: rollout(
+            m.actor_cfg, lora.combine(actor, frozen.actor), *args, max_new_tokens=N,
+            pad_id=self.tokenizer.pad_id),
+        in_shardings=(actor_sh.params, frozen_sh, rows(2), rows(1),
+                      sampling.sampling_params_shardings(mesh), replicated),
         out_shardings=roll_sh)
     self.score_fn = jax.jit(
-        lambda actor, ref, critic, reward_params, r, beta: score(
-            m.ref_cfg, ref, m.critic_cfg, critic, m.reward, reward_params, r, beta,
-            P=P, hp=hp, actor_cfg=m.actor_cfg, actor_params=actor),
-        in_shardings=(actor_sh.params, m.ref_shardings, critic_params_sh, m.reward_shardings,
-                      roll_sh, replicated),
+        lambda actor, critic, frozen, ref, reward_params, r, beta: score(
+            m.ref_cfg, ref, m.critic_cfg,
+            None if critic is None else lora.combine(critic, frozen.critic), m.reward,
+            reward_params, r, beta, P=P, hp=hp, actor_cfg=m.actor_cfg,
+            actor_params=lora.combine(actor, frozen.actor)),
+        in_shardings=(actor_sh.params, critic_params_sh, frozen_sh, m.ref_shardings,
+                      m.reward_shardings, roll_sh, replicated),
         out_shardings=(exp_sh, replicated))
     self.update_fn = jax.jit(
         functools.partial(update, m.actor_cfg, m.critic_cfg, *optimizers, P=P, hp=hp),
-        in_shardings=(actor_sh, critic_sh, exp_sh, replicated, replicated),
+        in_shardings=(actor_sh, critic_sh, exp_sh, replicated, replicated, frozen_sh),
         out_shardings=(actor_sh, critic_sh, replicated),
         donate_argnums=(0, 1), compiler_options=gradient_program_options())
     # Small programs that hand results to the host, replicated so every process
     # can read them (a batch-sharded array is not addressable on one host).
     self.eval_fn = jax.jit(
-        lambda actor, ref, reward_params, r: (
+        lambda actor, frozen, ref, reward_params, r: (
             sequence_scores(m.reward, reward_params, r, P=P, hp=hp)[1], r.lengths, r.stopped,
-            sequence_kl(m.actor_cfg, actor, m.ref_cfg, ref, r, P, hp.temperature)),
-        in_shardings=(actor_sh.params, m.ref_shardings, m.reward_shardings, roll_sh),
+            sequence_kl(m.actor_cfg, lora.combine(actor, frozen.actor), m.ref_cfg, ref, r, P,
+                        hp.temperature)),
+        in_shardings=(actor_sh.params, frozen_sh, m.ref_shardings, m.reward_shardings, roll_sh),
         out_shardings=replicated)
     self.gather_fn = jax.jit(lambda x: x, out_shardings=replicated)
 
@@ -525,15 +570,16 @@ class Iteration:
     is NaN/Inf (the loop then stops without saving)."""
     t0 = time.perf_counter()
     next_rng, roll_key, update_key = self.rng_fn(state.actor.rng)
-    r = self.rollout_fn(state.actor.params, batch["ids"], batch["length"], self.train_sp,
+    frozen = self.models.frozen
+    r = self.rollout_fn(state.actor.params, frozen, batch["ids"], batch["length"], self.train_sp,
                         roll_key)
     jax.block_until_ready(r)
     t1 = time.perf_counter()
     kl_coef = self.kl.value
     beta = self.put_replicated(np.float32(kl_coef))
     critic_params = state.critic.params if state.critic is not None else None
-    exp, exp_metrics = self.score_fn(state.actor.params, self.models.ref_params, critic_params,
-                                     self.models.reward_params, r, beta)
+    exp, exp_metrics = self.score_fn(state.actor.params, critic_params, frozen,
+                                     self.models.ref_params, self.models.reward_params, r, beta)
     exp_metrics = {k: float(v) for k, v in jax.device_get(exp_metrics).items()}
     t2 = time.perf_counter()
     bad = [k for k in ("rm_score_mean", "kl_per_sequence", "value_mean")
@@ -544,7 +590,7 @@ class Iteration:
           "rewards; the update was not applied. Check the reward model (or reward_fn) for NaN "
           "scores")
     actor, critic, upd = self.update_fn(state.actor.replace(rng=next_rng), state.critic, exp,
-                                        beta, update_key)
+                                        beta, update_key, frozen)
     upd = jax.device_get(upd)
     t3 = time.perf_counter()
     self.last_experience, self.last_update_stats = exp, upd
@@ -568,10 +614,11 @@ class Iteration:
       n = len(chunk)
       batch = self.put_prompts({k: np.stack([r[k] for r in chunk + [chunk[-1]] * (B - n)])
                                 for k in ("ids", "length")})
-      r = self.rollout_fn(state.actor.params, batch["ids"], batch["length"], self.eval_sp,
-                          self.eval_key)
+      r = self.rollout_fn(state.actor.params, self.models.frozen, batch["ids"], batch["length"],
+                          self.eval_sp, self.eval_key)
       s, lens, stop, kl = jax.device_get(self.eval_fn(
-          state.actor.params, self.models.ref_params, self.models.reward_params, r))
+          state.actor.params, self.models.frozen, self.models.ref_params,
+          self.models.reward_params, r))
       scores.extend(s[:n].tolist())
       lengths.extend(lens[:n].tolist())
       stopped.extend(stop[:n].tolist())
@@ -598,6 +645,8 @@ def build(cfg, mesh, tokenizer: Tokenizer, *, reward_fn: RewardFn | None = None)
   `run_ppo` does). Returns (Iteration, PPOState, its shardings)."""
   preflight.require(preflight.value_problems("ppo", cfg), "ppo config")
   models, actor, critic = load_models(cfg, mesh, reward_fn=reward_fn)
+  logging.info("actor: %s; critic: %s", common.describe_trained(actor),
+               common.describe_trained(critic) if critic else "none")
   state, shardings, optimizers = init_state(cfg, mesh, actor, critic)
   return Iteration(cfg, mesh, tokenizer, models, shardings, optimizers), state, shardings
 
@@ -726,13 +775,13 @@ def run_ppo(cfg, workdir: str, *, reward_fn: RewardFn | None = None, force: bool
         put_batch=iteration.put_batch, settings=settings, checkpointer=ckpt, writer=writer,
         evaluate=(lambda s: iteration.evaluate(s, val_rows)) if val_rows else None,
         guard=guard, after_step=log_samples, step_logs=[(samples_path, "iteration")],
-        host_state={"kl_coef": iteration.kl})
+        host_state={"kl_coef": iteration.kl, **common.host_state_of(iteration.models.actor)})
   finally:
     ckpt.close()
     writer.close()
 
-  paths = common.export_model(workdir, iteration.models.actor_cfg, state.actor.params,
-                              head="lm", hf=cfg.export_hf, tokenizer_path=cfg.tokenizer)
+  paths = common.export_trained(workdir, iteration.models.actor, state.actor.params, head="lm",
+                                hf=cfg.export_hf, tokenizer_path=cfg.tokenizer)
   report = {"stage": "ppo", "iterations": cfg.iterations, "resumed_from": summary["resumed_from"],
             "data": {**train_stats, **{f"val_{k}": v for k, v in val_stats.items()}},
             "first_eval": summary["initial_eval"] or None, "final_eval": summary["final_eval"],

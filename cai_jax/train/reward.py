@@ -35,11 +35,10 @@ def make_rm_loss(config: MistralConfig, margin: float = 0.0, center_coef: float 
   """loss_fn(params, batch, rng) over a batch of pairs: tokens [B, 2, T], lengths [B, 2]."""
 
   def loss_fn(params, batch, rng):
-    del rng
     B, _, T = batch["tokens"].shape
     valid = batch["lengths"][:, 0] > 0          # padding pairs (eval) have length 0
     scores = rm_scores(config, params, batch["tokens"].reshape(2 * B, T),
-                       batch["lengths"].reshape(2 * B)).reshape(B, 2)
+                       batch["lengths"].reshape(2 * B), dropout_rng=rng).reshape(B, 2)
     rc, rr = scores[:, 0], scores[:, 1]
     p = batch["p_chosen"].astype(jnp.float32)
     w = valid.astype(jnp.float32)
@@ -102,7 +101,7 @@ def run_rm(cfg, workdir: str, *, mesh=None, force: bool = False) -> dict:
       make_loss=lambda config: make_rm_loss(config, cfg.margin, cfg.center_coef),
       train_rows=train_rows, eval_rows=test_rows,
       count_tokens=lambda b: int(np.asarray(b["lengths"]).sum()), desc="reward model",
-      allow_head_change=True)
+      allow_head_change=True, trained_heads=("score",))
   for key, prefix in (("initial_eval", "val_"), ("final_eval", "val_"), ("final_train", "")):
     summary[key] = _with_std(summary.get(key, {}), prefix)
   report = {"stage": "rm", "data": stats, "steps": steps, **summary, "outputs": paths,

@@ -10,6 +10,11 @@ gradient accumulation exact: the step adds numerators, denominators and
 gradients over micro-batches and divides once, so 4 micro-batches of 2 give
 the same update as one batch of 8. `metric_sums` are divided by the same
 denominator.
+
+Under LoRA the state's params are only the trained leaves; the steps take the frozen rest
+(`frozen`, bound once when the step is made, an argument of the compiled program, not a
+constant) and join them (`lora.combine`), so the loss always sees the whole model while
+gradients and optimizer state exist for the trained leaves only.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cai_jax.compile_options import gradient_program_options
+from cai_jax.model import lora
 
-LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, jax.Array, dict]]
+# rng: the step's key (training) or None (evaluation); losses use it for LoRA dropout only.
+LossFn = Callable[[Any, dict, jax.Array | None], tuple[jax.Array, jax.Array, dict]]
 
 
 @flax.struct.dataclass
@@ -117,13 +124,16 @@ def _with_aux(out):
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, schedule,
-                    *, accum_steps: int, shardings: TrainState, batch_shardings, mesh: Mesh):
-  """Jitted `(state, batch) -> (state, metrics)` with stated shardings and donation."""
+                    *, accum_steps: int, shardings: TrainState, batch_shardings, mesh: Mesh,
+                    frozen=None, frozen_shardings=None):
+  """Jitted `(state, batch) -> (state, metrics)` with stated shardings and donation;
+  `frozen` (with `frozen_shardings`): the model's untrained leaves (LoRA)."""
 
-  def step(state: TrainState, batch: dict):
+  def step(state: TrainState, batch: dict, frozen):
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
     num, den, metric_sums, grads = accumulate_gradients(
-        loss_fn, state.params, batch, step_rng, accum_steps)
+        lambda p, b, r: loss_fn(lora.combine(p, frozen), b, r), state.params, batch, step_rng,
+        accum_steps)
     denom = jnp.maximum(den, 1.0)  # an all-masked batch gives zero loss and grads, not NaN
     grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -140,17 +150,23 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
     return new_state, metrics
 
   replicated = NamedSharding(mesh, P())
-  return jax.jit(step, in_shardings=(shardings, batch_shardings),
-                 out_shardings=(shardings, replicated), donate_argnums=(0,),
-                 compiler_options=gradient_program_options())
+  jitted = jax.jit(step, in_shardings=(shardings, batch_shardings, frozen_shardings or {}),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,),
+                   compiler_options=gradient_program_options())
+  frozen = frozen or {}
+  return lambda state, batch: jitted(state, batch, frozen)
 
 
-def make_eval_step(loss_fn: LossFn, *, param_shardings, batch_shardings, mesh: Mesh):
-  """Jitted `(params, batch) -> (numerator, denominator, metric_sums)`."""
+def make_eval_step(loss_fn: LossFn, *, param_shardings, batch_shardings, mesh: Mesh,
+                   frozen=None, frozen_shardings=None):
+  """Jitted `(params, batch) -> (numerator, denominator, metric_sums)`; `frozen` as in
+  `make_train_step`."""
 
-  def step(params, batch):
-    num, den, metrics = loss_fn(params, batch, jax.random.PRNGKey(0))
+  def step(params, batch, frozen):
+    num, den, metrics = loss_fn(lora.combine(params, frozen), batch, None)  # no dropout
     return num, jnp.asarray(den, jnp.float32), metrics
 
-  return jax.jit(step, in_shardings=(param_shardings, batch_shardings),
-                 out_shardings=NamedSharding(mesh, P()))
+  jitted = jax.jit(step, in_shardings=(param_shardings, batch_shardings, frozen_shardings or {}),
+                   out_shardings=NamedSharding(mesh, P()))
+  frozen = frozen or {}
+  return lambda params, batch: jitted(params, batch, frozen)

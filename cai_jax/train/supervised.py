@@ -85,37 +85,44 @@ def make_evaluate(eval_step, rows: list[dict], global_batch_size: int, put_batch
 def fit_supervised(cfg, workdir: str, *, mesh, tokenizer: Tokenizer, head: str,
                    make_loss: Callable[[MistralConfig], Any], train_rows: list[dict],
                    eval_rows: list[dict], count_tokens: Callable[[dict], int], desc: str,
-                   allow_head_change: bool = False, rows_with_model: Callable | None = None):
+                   allow_head_change: bool = False, rows_with_model: Callable | None = None,
+                   trained_heads: tuple[str, ...] = ()):
   """Trains (or resumes) on `train_rows`; returns (config, summary, export paths, steps).
 
-  `rows_with_model(config, params, param_shardings, train_rows, eval_rows)`, if given,
-  sees the starting model before training and returns the rows to train and evaluate
-  on (DPO adds its frozen reference's log-probs to them); it must not keep `params`,
-  which the train state takes over.
+  With `cfg.lora.rank` > 0 only the adapters and `trained_heads` train (`common.load_trained`),
+  checkpoints hold those alone, and the export is the merged model plus the adapter in PEFT
+  format. `rows_with_model(config, params, param_shardings, train_rows, eval_rows)`, if
+  given, sees the starting model (every leaf) before training and returns the rows to train
+  and evaluate on (DPO adds its frozen reference's log-probs to them); it must not keep
+  `params`, which the train state takes over.
   """
-  config, params, param_sh = common.load_or_init(cfg, mesh, head=head, seed=cfg.seed,
-                                                 allow_head_change=allow_head_change)
+  trained = common.load_trained(cfg, mesh, head=head, seed=cfg.seed,
+                                allow_head_change=allow_head_change, trained_heads=trained_heads)
+  config = trained.config
   if tokenizer.vocab_size > config.vocab_size:
     raise ValueError(f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} tokens but the model "
                      f"only {config.vocab_size}")
-  parallel.assert_params_sharded(params, mesh)
+  parallel.assert_params_sharded(trained.full()[0], mesh)
   if rows_with_model is not None:
-    train_rows, eval_rows = rows_with_model(config, params, param_sh, train_rows, eval_rows)
+    train_rows, eval_rows = rows_with_model(config, *trained.full(), train_rows, eval_rows)
   batches = batching.BatchIterator(
       train_rows, cfg.global_batch_size, seed=cfg.seed, shuffle=True, drop_remainder=True,
       process_index=jax.process_index(), process_count=jax.process_count())
   total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.num_epochs * batches.steps_per_epoch
   accum = common.accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, mesh)
   optimizer, schedule = make_optimizer(cfg.optim, total_steps)
-  state, shardings = create_state(params, optimizer, param_sh, mesh, seed=cfg.seed)
+  state, shardings = create_state(trained.params, optimizer, trained.shardings, mesh,
+                                  seed=cfg.seed)
 
   example = {k: np.asarray(v)[None] for k, v in train_rows[0].items()}
   batch_sh = common.batch_shardings_for(mesh, example)
   loss_fn = make_loss(config)
+  frozen = dict(frozen=trained.frozen, frozen_shardings=trained.frozen_shardings)
   train_step = make_train_step(loss_fn, optimizer, schedule, accum_steps=accum,
-                               shardings=shardings, batch_shardings=batch_sh, mesh=mesh)
+                               shardings=shardings, batch_shardings=batch_sh, mesh=mesh, **frozen)
   put_batch = common.make_put_batch(mesh)
-  eval_step = make_eval_step(loss_fn, param_shardings=param_sh, batch_shardings=batch_sh, mesh=mesh)
+  eval_step = make_eval_step(loss_fn, param_shardings=trained.shardings, batch_shardings=batch_sh,
+                             mesh=mesh, **frozen)
   evaluate = make_evaluate(eval_step, eval_rows, cfg.global_batch_size, put_batch)
 
   writer = MetricsWriter(workdir)
@@ -125,20 +132,22 @@ def fit_supervised(cfg, workdir: str, *, mesh, tokenizer: Tokenizer, head: str,
                           eval_every=cfg.eval_every, save_every=cfg.save_every,
                           flops_per_token=3 * config.flops_per_token(cfg.max_seq_len, head=head),
                           peak_flops=default_peak_flops(), desc=desc)
-  logging.info("%s: %d train rows, %d eval rows, %d steps, accumulation %d, mesh %s", desc,
-               len(train_rows), len(eval_rows), total_steps, accum, dict(mesh.shape))
+  logging.info("%s: %d train rows, %d eval rows, %d steps, accumulation %d, mesh %s, %s", desc,
+               len(train_rows), len(eval_rows), total_steps, accum, dict(mesh.shape),
+               common.describe_trained(trained))
   try:
     state, summary = run_training(
         state=state, shardings=shardings, step=train_step, batches=batches,
         put_batch=put_batch, count_tokens=count_tokens, settings=settings,
         checkpointer=checkpointer, writer=writer,
         evaluate=(lambda s: evaluate(s.params)) if evaluate else None,
-        guard=DivergenceGuard(cfg.get("guard", None), spike_metrics=("loss",)))
+        guard=DivergenceGuard(cfg.get("guard", None), spike_metrics=("loss",)),
+        host_state=common.host_state_of(trained))
   finally:
     checkpointer.close()
     writer.close()
-  paths = common.export_model(workdir, config, state.params, head=head, hf=cfg.export_hf,
-                              tokenizer_path=cfg.tokenizer)
+  paths = common.export_trained(workdir, trained, state.params, head=head, hf=cfg.export_hf,
+                                tokenizer_path=cfg.tokenizer)
   return config, summary, paths, total_steps
 
 
