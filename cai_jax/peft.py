@@ -218,7 +218,10 @@ def _targets(value: Any, source: str) -> set[str]:
   raise ValueError(f"{source}: target_modules is {value!r}, expected a list of module names")
 
 
-def _read_config(path: str, config: MistralConfig, head: str) -> dict:
+def read_config(path: str, config: MistralConfig, head: str = "lm") -> dict:
+  """The adapter_config.json of `path`, checked against `config` (rank, alpha, targets) and
+  for unsupported PEFT features, without reading the tensors (a ValueError names the file
+  and field)."""
   source = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(source):
     raise ValueError(f"{source}: missing; a PEFT adapter directory needs {CONFIG_FILE} and "
@@ -274,7 +277,7 @@ def load_adapter(path: str, config: MistralConfig, *, head: str = "lm") -> dict:
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise ValueError(f"{path}: adapter directory does not exist")
-  _read_config(path, config, head)
+  read_config(path, config, head)
   weights = os.path.join(path, WEIGHTS_FILE)
   if not os.path.isfile(weights):
     other = " (it has adapter_model.bin: convert it to safetensors)" if os.path.isfile(

@@ -170,11 +170,13 @@ _GUARD = {"loss_spike": _real(0.0), "loss_spike_min_delta": _real(0.0),
           "spike_window": _int(1), "min_history": _int(1),
           "max_param_norm_growth": _real(0.0), "max_kl_per_sequence": _real(0.0),
           "min_entropy": _real(0.0), "max_entropy_fraction": _real(0.0, 1.0)}
+_LORA = {"rank": _int(0), "alpha": _real(0.0, None, open_lo=True), "dropout": _real(0.0, 0.9),
+         "base_dtype": _enum("", "float32", "bfloat16", "float16")}
 _TRAINING = {"max_seq_len": _int(2), "global_batch_size": _int(1), "micro_batch_size": _int(0),
              "num_epochs": _int(0), "max_steps": _int(0), "log_every": _int(1),
              "eval_every": _int(0), "save_every": _int(0), "keep_checkpoints": _int(1),
              "seed": _int(0), "overlong": _enum("truncate", "drop"),
-             **_prefixed("guard", _GUARD)}
+             **_prefixed("guard", _GUARD), **_prefixed("lora", _LORA)}
 
 
 VALUE_RULES: dict[str, dict] = {
@@ -190,7 +192,7 @@ VALUE_RULES: dict[str, dict] = {
             "max_eval_prompts": _int(0), "eval_every": _int(0), "save_every": _int(0),
             "sample_every": _int(0), "keep_checkpoints": _int(1), "seed": _int(0),
             **_prefixed("actor_optim", _OPTIM), **_prefixed("critic_optim", _OPTIM),
-            **_prefixed("guard", _GUARD),
+            **_prefixed("guard", _GUARD), **_prefixed("lora", _LORA),
             **_prefixed("ppo", {
                 "max_new_tokens": _int(1), "temperature": _real(0.0, None, open_lo=True),
                 "top_k": _int(0, 0), "top_p": _real(1.0, 1.0), "ppo_epochs": _int(1),
@@ -271,6 +273,17 @@ def value_problems(stage: str, cfg, prefix: str = "config") -> list[str]:
   if (stage in ("sft", "rm", "dpo") and _lookup(cfg, "num_epochs") == 0
       and not _lookup(cfg, "max_steps")):
     problems.append(f"{prefix}.num_epochs=0 and {prefix}.max_steps=0: nothing would be trained")
+  targets = _lookup(cfg, "lora.targets")
+  if targets is not _MISSING:
+    from cai_jax.model.config import LORA_TARGETS
+    names = [t for t in str(targets).replace(" ", "").split(",") if t]
+    bad = [t for t in names if t not in LORA_TARGETS]
+    if bad or not names:
+      problems.append(f"{prefix}.lora.targets={targets!r}: name projections from "
+                      f"{','.join(LORA_TARGETS)}")
+  if _lookup(cfg, "lora.init_adapter") and not _lookup(cfg, "lora.rank"):
+    problems.append(f"{prefix}.lora.init_adapter is set but {prefix}.lora.rank is 0: set the "
+                    "adapter's rank (its adapter_config.json's r)")
   for optim in ("optim", "actor_optim", "critic_optim"):
     lr, min_lr = _lookup(cfg, f"{optim}.lr"), _lookup(cfg, f"{optim}.min_lr")
     if (_lookup(cfg, f"{optim}.schedule") == "cosine" and isinstance(lr, (int, float))
@@ -332,16 +345,34 @@ def _backend(c: Checker, backend, template: str, prefix: str, *, stops: bool = T
   c.vocab_fits(vocab, f"{prefix}.model_dir", tok, f"{prefix}.tokenizer")
 
 
+def _lora(c: Checker, cfg, p: str, head: str) -> None:
+  """A PEFT adapter to start from must exist and match the stage's lora block."""
+  lora_cfg = cfg.get("lora", None)
+  if lora_cfg is None or not lora_cfg.get("init_adapter", "") or not lora_cfg.get("rank", 0):
+    return
+  from cai_jax import peft
+  from cai_jax.model import MistralConfig
+  try:
+    config = MistralConfig(lora_rank=int(lora_cfg.rank), lora_alpha=float(lora_cfg.alpha),
+                           lora_targets=lora_cfg.targets)
+    peft.read_config(lora_cfg.init_adapter, config, head)
+  except ValueError as e:
+    c.add(f"{p}.lora.init_adapter: {e}")
+
+
 def _sft(c, cfg, p):
   _trainer(c, cfg, p, ("train_file", "val_file"), ("init_from",), stops=False)
+  _lora(c, cfg, p, "lm")
 
 
 def _rm(c, cfg, p):
   _trainer(c, cfg, p, ("train_file", "test_file"), ("init_from",), stops=False)
+  _lora(c, cfg, p, "scalar")
 
 
 def _dpo(c, cfg, p):
   _trainer(c, cfg, p, ("train_file", "test_file"), ("init_from",), stops=False)
+  _lora(c, cfg, p, "lm")
 
 
 def _ppo(c, cfg, p):
@@ -352,6 +383,7 @@ def _ppo(c, cfg, p):
                    c.tokenizer(cfg.get("tokenizer", ""), f"{p}.tokenizer"), f"{p}.tokenizer")
   if not cfg.get("rm_init", ""):
     c.add(f"{p}.rm_init: a reward model directory is required (launch.train_rm's model/)")
+  _lora(c, cfg, p, "lm")
 
 
 def _sl_cai(c, cfg, p):

@@ -16,6 +16,9 @@ Presets:
   grows the base model's embedding and LM head by rows set to the mean
   embedding; every later stage uses that tokenizer and model. Off by default:
   a tokenizer without the markers works as shipped (they are token sequences).
+- `--config.lora.rank=R` (either preset): every trained stage (sft, rm, ppo, dpo; not the
+  tiny `base`, which trains from random weights) trains LoRA adapters with this block,
+  except a stage whose own `lora.rank` is set, which keeps its own block.
 - `mistral_7b`: NeMo-Aligner's CAI tutorial. `--config.base_model` (HF
   Mistral-7B-v0.1, the SFT starting point) and `--config.instruct_model` (HF
   Mistral-7B-Instruct-v0.1, SL-CAI's helpful model and its tokenizer) are
@@ -26,7 +29,7 @@ Presets:
 import ml_collections
 
 from configs import dpo, models, ppo, process_hh, rl_cai, rm, sft, sl_cai
-from configs.common import backend_config
+from configs.common import backend_config, lora_config
 
 STAGES = ("tokenizer", "chat_tokens", "base", "sl_cai", "sft", "hh", "rl_cai", "rm", "ppo",
           "dpo", "evaluate")
@@ -74,6 +77,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.base_model = ""                     # mistral_7b: HF Mistral-7B dir (SFT starts here)
   c.instruct_model = ""                 # mistral_7b: HF Mistral-7B-Instruct dir (SL-CAI model)
   c.judge_url = ""                      # mistral_7b: OpenAI-compatible judge endpoint
+  c.lora = lora_config()                # rank > 0: LoRA in every trained stage (see above)
 
   c.base = sft.get_config("tiny")       # tiny only: the helpful-only starting model
   c.base.train_file = "data/sft_datablend_sample.jsonl"

@@ -43,6 +43,21 @@ def _set(cfg, path: str, value, *, only_if_empty: bool = True):
       node[keys[-1]] = value
 
 
+LORA_STAGES = ("sft", "rm", "ppo", "dpo")
+
+
+def apply_lora(cfg) -> None:
+  """The pipeline's `lora` block (rank > 0) becomes the block of every trained stage whose
+  own rank is 0; a stage with its own rank keeps its block."""
+  lora = cfg.get("lora", None)
+  if lora is None or not lora.rank:
+    return
+  for stage in LORA_STAGES:
+    if not cfg[stage].lora.rank:
+      with cfg[stage].unlocked():
+        cfg[stage].lora = lora.copy_and_resolve_references()
+
+
 class Pipeline:
   """Wires the stages together; every stage's logic lives in cai_jax."""
 
@@ -97,6 +112,7 @@ class Pipeline:
 
   def run(self):
     cfg = self.cfg
+    apply_lora(cfg)
     self.preflight()
     if not cfg.tokenizer and cfg.base_model:
       # A real checkpoint brings its own tokenizer (HF keeps it as tokenizer.model).

@@ -135,14 +135,21 @@ def load_trained(cfg, mesh: Mesh, *, head: str = "lm", init_from: str | None = N
                  frozen, frozen_sh, base_pointer(init_from))
 
 
+def training_summary(trained: Trained) -> dict:
+  """How a model trains, for reports and the log: LoRA rank (0: full fine-tuning), trained and
+  total parameter counts."""
+  n = lora.count(trained.params)
+  return {"lora_rank": trained.config.lora_rank, "trained_params": n,
+          "total_params": n + lora.count(trained.frozen)}
+
+
 def describe_trained(trained: Trained) -> str:
   """"full fine-tuning, N params" or "LoRA rank r: N trained of M params" (for the log)."""
-  n = lora.count(trained.params)
-  if not trained.config.lora_rank:
+  s = training_summary(trained)
+  n, total = s["trained_params"], s["total_params"]
+  if not s["lora_rank"]:
     return f"full fine-tuning, {n:,} params"
-  total = n + lora.count(trained.frozen)
-  return (f"LoRA rank {trained.config.lora_rank}: {n:,} trained of {total:,} params "
-          f"({100 * n / total:.2f}%)")
+  return f"LoRA rank {s['lora_rank']}: {n:,} trained of {total:,} params ({100 * n / total:.2f}%)"
 
 
 def base_pointer(init_from: str) -> dict:

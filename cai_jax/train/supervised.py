@@ -87,7 +87,8 @@ def fit_supervised(cfg, workdir: str, *, mesh, tokenizer: Tokenizer, head: str,
                    eval_rows: list[dict], count_tokens: Callable[[dict], int], desc: str,
                    allow_head_change: bool = False, rows_with_model: Callable | None = None,
                    trained_heads: tuple[str, ...] = ()):
-  """Trains (or resumes) on `train_rows`; returns (config, summary, export paths, steps).
+  """Trains (or resumes) on `train_rows`; returns (config, summary, export paths, steps);
+  the summary's "training" says how (`common.training_summary`).
 
   With `cfg.lora.rank` > 0 only the adapters and `trained_heads` train (`common.load_trained`),
   checkpoints hold those alone, and the export is the merged model plus the adapter in PEFT
@@ -132,6 +133,7 @@ def fit_supervised(cfg, workdir: str, *, mesh, tokenizer: Tokenizer, head: str,
                           eval_every=cfg.eval_every, save_every=cfg.save_every,
                           flops_per_token=3 * config.flops_per_token(cfg.max_seq_len, head=head),
                           peak_flops=default_peak_flops(), desc=desc)
+  summary_of_training = common.training_summary(trained)
   logging.info("%s: %d train rows, %d eval rows, %d steps, accumulation %d, mesh %s, %s", desc,
                len(train_rows), len(eval_rows), total_steps, accum, dict(mesh.shape),
                common.describe_trained(trained))
@@ -148,7 +150,7 @@ def fit_supervised(cfg, workdir: str, *, mesh, tokenizer: Tokenizer, head: str,
     writer.close()
   paths = common.export_trained(workdir, trained, state.params, head=head, hf=cfg.export_hf,
                                 tokenizer_path=cfg.tokenizer)
-  return config, summary, paths, total_steps
+  return config, {**summary, "training": summary_of_training}, paths, total_steps
 
 
 def write_report(cfg, workdir: str, *, stage: str, report: dict, data_files: dict,
