@@ -34,6 +34,7 @@ EXPECTED = {
     "ppo": ["rollout s", "score s", "update s", "iteration s", "rollout tok/s"],
     "grpo": ["rollout s", "score s", "update s", "iteration s"],
     "dpo": ["step s"],
+    "lora": ["train tokens/s", "MFU %"],
 }
 # The modes `test_every_mode_on_tiny` runs; the preference-training modes have their own test.
 FIRST_MODES = ["model", "attention", "generate", "sft", "ppo"]
@@ -62,7 +63,7 @@ def _check_rows(rows, modes, expected=EXPECTED, no_reference=()):
 
 
 def test_every_mode_on_tiny(tmp_path):
-  assert MODES == (*FIRST_MODES, "grpo", "dpo")  # "all"
+  assert MODES == (*FIRST_MODES, "grpo", "dpo", "lora")  # "all"
   report = suite.run(FIRST_MODES, preset="tiny", reps=1, shapes=SHAPES,
                      workdir=str(tmp_path / "work"))
   _check_rows(report["rows"], FIRST_MODES)
@@ -154,17 +155,31 @@ def test_command_line(tmp_path):
   assert report["results"]["model"]["batch"] == 8 and report["results"]["model"]["seq_len"] == 256
 
 
+def test_lora_mode_on_tiny(tmp_path):
+  """The lora mode: the sft step with rank-r adapters on both sides (ours through the frozen
+  split, peft's on the torch model), its own rows and reference name."""
+  report = suite.run(["lora"], preset="tiny", reps=1, shapes=SHAPES, device="cpu",
+                     workdir=str(tmp_path / "work"))
+  _check_rows(report["rows"], ["lora"])
+  res = report["results"]["lora"]
+  assert res["lora"] == {"rank": 16, "alpha": 32.0, "targets": [
+      "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+  assert res["runs"][0]["train_flops_per_token"] < report["settings"]["models"]["lora"][
+      "num_params"] * 6    # no weight gradients for the frozen base
+  assert "| lora (transformers+peft) | train tokens/s |" in report_lib.markdown_table(report)
+
+
 @pytest.mark.slow
 def test_gpu_mode_code_path_on_cpu(tmp_path):
   """`device="gpu"`: bf16, the extra SFT shape, decode rows against the roofline, PPO,
-  GRPO and DPO without TRL, the attention implementations; on this CPU only its code
-  path runs."""
-  modes = ["attention", "generate", "sft", "ppo", "grpo", "dpo"]
+  GRPO and DPO without TRL, the attention implementations, LoRA; on this CPU only its
+  code path runs."""
+  modes = ["attention", "generate", "sft", "ppo", "grpo", "dpo", "lora"]
   report = suite.run(modes, preset="tiny", reps=1, shapes=GPU_SHAPES, device="gpu",
                      workdir=str(tmp_path / "work"))
+  sft_rows = ["train tokens/s", "MFU %", "train tokens/s B1xT32", "MFU % B1xT32"]
   expected = {**EXPECTED, "generate": ["decode tok/s b1", "TTFT ms b1", "decode tok/s b2",
-                                       "TTFT ms b2"],
-              "sft": ["train tokens/s", "MFU %", "train tokens/s B1xT32", "MFU % B1xT32"]}
+                                       "TTFT ms b2"], "sft": sft_rows, "lora": sft_rows}
   no_ref = {(m, k) for m in ("ppo", "grpo") for k in ("rollout s", "score s", "update s",
                                                       "iteration s")}
   no_ref.add(("dpo", "step s"))

@@ -23,6 +23,9 @@ Modes, one module each (`workload.Shapes` holds the sizes; the defaults are BENC
   grpo      seconds per GRPO iteration by phase, the PPO mode's prompts and lengths with
             4 responses per prompt, the same reward model and beta on both sides
             (`ppo.Iteration` with `ppo.advantage = "grpo"` vs TRL's `GRPOTrainer`).
+  lora      the sft mode's step with LoRA rank `lora_rank` (alpha 32) on every projection
+            of the frozen model (cai_jax's adapters vs `peft.get_peft_model` on the torch
+            model), at the sft mode's sizes.
   dpo       seconds per DPO train step on chosen + rejected in one forward with
             precomputed reference log-probs (`cai_jax.train.dpo`'s loss in a compiled
             train step vs TRL's `DPOTrainer` with `precompute_ref_log_probs=True`).
@@ -58,4 +61,4 @@ This file imports nothing: `python -m launch.benchmark` runs it before `__main__
 must pin the CPU threads before jax, numpy or torch start.
 """
 
-MODES = ("model", "attention", "generate", "sft", "ppo", "grpo", "dpo")
+MODES = ("model", "attention", "generate", "sft", "ppo", "grpo", "dpo", "lora")

@@ -8,7 +8,7 @@ implementations alone against the einsum path), generate (greedy decode and
 TTFT vs transformers `generate`), sft (AdamW train step vs transformers+torch),
 ppo (seconds per PPO iteration by phase vs TRL 1.9.2), grpo (seconds per GRPO
 iteration by phase vs TRL's GRPOTrainer), dpo (seconds per DPO train step vs TRL's
-DPOTrainer), or all. Prints a
+DPOTrainer), lora (the sft step with rank-16 LoRA adapters vs transformers+peft), or all. Prints a
 markdown table (cai_jax, reference, speed-up, floor, target) on stdout, progress
 on stderr, and writes every timing plus versions and thread settings as JSON
 with `--out`. What each mode measures: `launch/benchmark/__init__.py` and the mode's
@@ -17,7 +17,7 @@ module (`model.py`, `attention.py`, `generate.py`, `sft.py`, `ppo.py`, `grpo.py`
 and targets of each device mode: `launch/benchmark/targets.json`.
 
 `--device=gpu` (the default on a GPU backend) is the GPU mode: bf16, `mistral_1b`
-for model/sft, `mistral_7b` for decode at b1/b32/b128, `small` for PPO, GRPO and DPO, the torch
+for model/sft/lora, `mistral_7b` for decode at b1/b32/b128, `small` for PPO, GRPO and DPO, the torch
 side on the same GPU; `--preset` then overrides every mode's model. The table's
 header names the CPU (model, AVX-512 or not) and the device, with the matmul peak
 and memory bandwidth measured in the same run, from which floors and MFU come.

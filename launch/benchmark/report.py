@@ -86,7 +86,8 @@ def markdown_table(report: dict) -> str:
            "| mode | metric | cai_jax | reference | speed-up | floor | of floor | target |",
            "|---|---|---:|---:|---:|---:|---:|---|"]
   refs = {"model": "torch", "attention": "einsum path", "generate": "transformers",
-          "sft": "transformers+torch", "ppo": "TRL", "grpo": "TRL", "dpo": "TRL"}
+          "sft": "transformers+torch", "ppo": "TRL", "grpo": "TRL", "dpo": "TRL",
+          "lora": "transformers+peft"}
   for r in report["rows"]:
     target = r["target"] or ""
     if r["target_met"] is not None:

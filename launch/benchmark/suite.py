@@ -122,8 +122,9 @@ def run(what: str | list[str] = "all", preset: str | None = None, reps: int = 3,
         res = attention.measure(setup, shapes, reps, ceilings)
       elif mode == "generate":
         res = generate.measure(setup, shapes, reps, ceilings)
-      elif mode == "sft":
-        res = sft.measure(setup, shapes, reps, ceilings)
+      elif mode in ("sft", "lora"):
+        res = sft.measure(setup, shapes, reps, ceilings,
+                          lora_rank=shapes.lora_rank if mode == "lora" else 0)
       elif mode == "ppo":
         res = ppo.measure(setup, shapes, reps, ceilings, threads=threads)
       elif mode == "grpo":

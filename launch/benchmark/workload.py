@@ -37,6 +37,7 @@ class Shapes:
   dpo_batch: int = _cpu_size("dpo_batch")          # pairs per step
   dpo_prompt: int = _cpu_size("dpo_prompt")
   dpo_reply: int = _cpu_size("dpo_reply")          # chosen reply; the rejected one is 3/4 of it
+  lora_rank: int = _cpu_size("lora_rank")          # the lora mode's adapters (sft sizes)
 
   @classmethod
   def for_device(cls, device: str) -> "Shapes":
