@@ -9,6 +9,8 @@ against a plain NumPy/Python version.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -116,7 +118,27 @@ def group_advantages(scores: jax.Array, group_size: int, method: str, *,
   raise ValueError(f"group advantage method must be grpo or rloo, got {method!r}")
 
 
-def aggregate(x: jax.Array, mask: jax.Array, how: str = "token_mean") -> jax.Array:
+class Denominators(NamedTuple):
+  """What a batch's reductions divide by, fixed before the batch is split into micro-batches:
+  a micro-batch's share (its sum over these) of every loss and statistic then adds up over
+  the micro-batches to the whole batch's value."""
+  agg: jax.Array      # `aggregate`'s: valid tokens (at least 1) for token_mean, else rows
+  tokens: jax.Array   # `masked_mean`'s: valid tokens, at least 1
+
+
+def denominators(mask: jax.Array, how: str = "token_mean") -> Denominators:
+  """The `Denominators` of a batch's mask [B, T] under the aggregation `how`."""
+  mask = mask.astype(bool)
+  tokens = jnp.maximum(mask.sum(), 1).astype(jnp.float32)
+  if how == "token_mean":
+    return Denominators(tokens, tokens)
+  if how in ("seq_mean_token_mean", "seq_mean_token_sum_norm"):
+    return Denominators(jnp.asarray(mask.shape[0], jnp.float32), tokens)
+  raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {how!r}")
+
+
+def aggregate(x: jax.Array, mask: jax.Array, how: str = "token_mean",
+              den: Denominators | None = None) -> jax.Array:
   """A per-token loss [B, T] reduced to a scalar over the valid tokens.
 
   token_mean: sum / number of valid tokens in the batch. seq_mean_token_mean: each row's
@@ -124,17 +146,22 @@ def aggregate(x: jax.Array, mask: jax.Array, how: str = "token_mean") -> jax.Arr
   NeMo-Aligner's per-micro-batch mean gives with its default micro-batch of one sequence.
   seq_mean_token_sum_norm: each row's token sum divided by T, averaged over rows (Dr. GRPO:
   no length bias from a per-row normaliser).
+
+  `den` (default: these rows' own, `denominators`) makes it a micro-batch's share of a larger
+  batch: the row sums divided by that batch's denominator.
   """
   mask = mask.astype(bool)
   x = jnp.where(mask, x, 0.0)
+  den = denominators(mask, how) if den is None else den
   if how == "token_mean":
-    return x.sum() / jnp.maximum(mask.sum(), 1).astype(x.dtype)
-  if how == "seq_mean_token_mean":
-    per_row = x.sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1).astype(x.dtype)
-    return per_row.mean()
-  if how == "seq_mean_token_sum_norm":
-    return (x.sum(axis=1) / x.shape[1]).mean()
-  raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {how!r}")
+    total = x.sum()
+  elif how == "seq_mean_token_mean":
+    total = (x.sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1).astype(x.dtype)).sum()
+  elif how == "seq_mean_token_sum_norm":
+    total = (x.sum(axis=1) / x.shape[1]).sum()
+  else:
+    raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {how!r}")
+  return total / den.agg.astype(x.dtype)
 
 
 def estimate_advantages(method: str, *, score: jax.Array, kl: jax.Array, values: jax.Array,
@@ -166,10 +193,13 @@ def estimate_advantages(method: str, *, score: jax.Array, kl: jax.Array, values:
   raise ValueError(f"advantage estimator must be one of {ADVANTAGES}, got {method!r}")
 
 
-def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean over valid entries; whatever sits under the mask (even NaN/Inf) is ignored."""
+def masked_mean(x: jax.Array, mask: jax.Array, tokens: jax.Array | None = None) -> jax.Array:
+  """Mean over valid entries; whatever sits under the mask (even NaN/Inf) is ignored.
+  `tokens` (default: the valid entries here, at least 1): divide by a larger batch's count
+  instead, for a micro-batch's share of it."""
   mask = mask.astype(bool)
-  return jnp.where(mask, x, 0).sum() / jnp.maximum(mask.sum(), 1).astype(x.dtype)
+  tokens = jnp.maximum(mask.sum(), 1) if tokens is None else tokens
+  return jnp.where(mask, x, 0).sum() / tokens.astype(x.dtype)
 
 
 def masked_whiten(x: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -181,30 +211,33 @@ def masked_whiten(x: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Array
 
 
 def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
-                clip_eps: float, agg: str = "token_mean"):
+                clip_eps: float, agg: str = "token_mean", den: Denominators | None = None):
   """Clipped surrogate max(-A r, -A clip(r, 1-eps, 1+eps)) per token, reduced by `agg`
-  (`aggregate`); the statistics are token means."""
+  (`aggregate`); the statistics are token means. `den`: a larger batch's `Denominators`
+  (the loss and statistics are then this micro-batch's shares of that batch's)."""
+  tokens = None if den is None else den.tokens
   log_ratio = logp - old_logp
   ratio = jnp.exp(log_ratio)
   unclipped = -advantages * ratio
   clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-  loss = aggregate(jnp.maximum(unclipped, clipped), mask, agg)
+  loss = aggregate(jnp.maximum(unclipped, clipped), mask, agg, den)
   stats = {
-      "clip_fraction": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
-      "approx_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio, mask),
-      "ratio_mean": masked_mean(ratio, mask),
+      "clip_fraction": masked_mean((clipped > unclipped).astype(jnp.float32), mask, tokens),
+      "approx_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio, mask, tokens),
+      "ratio_mean": masked_mean(ratio, mask, tokens),
   }
   return loss, stats
 
 
 def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array,
-               clip: float, agg: str = "token_mean"):
+               clip: float, agg: str = "token_mean", den: Denominators | None = None):
   """0.5 * max((v - R)^2, (v_clipped - R)^2), v_clipped = v_old + clip(v - v_old, -c, c),
-  reduced by `agg`."""
+  reduced by `agg`; `den` as in `policy_loss`."""
   v_clipped = old_values + jnp.clip(values - old_values, -clip, clip)
   loss = 0.5 * aggregate(jnp.maximum((values - returns) ** 2, (v_clipped - returns) ** 2), mask,
-                         agg)
-  frac = masked_mean((jnp.abs(values - old_values) > clip).astype(jnp.float32), mask)
+                         agg, den)
+  frac = masked_mean((jnp.abs(values - old_values) > clip).astype(jnp.float32), mask,
+                     None if den is None else den.tokens)
   return loss, {"value_clip_fraction": frac}
 
 
