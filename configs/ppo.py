@@ -75,6 +75,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       # seq_mean_token_sum_norm (Dr. GRPO)
       loss_agg="token_mean",
       unfinished="keep",                 # keep | mask (out of the policy loss, as NeMo's is_end)
+      # Memory, not results: responses per data-parallel replica processed at once (0 = all).
+      rollout_micro_batch_size=0,        # decoded together (one KV cache of this many rows)
+      forward_micro_batch_size=0,        # per forward pass of the score and evaluation programs
+      micro_batch_size=0,                # per forward + backward of the update (grads summed)
   ))
   # Tiny: a from-scratch 2-layer model over a few dozen iterations. A constant
   # rate keeps learning through the whole run (a cosine decay to lr/10 stalls

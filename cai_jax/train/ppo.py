@@ -10,6 +10,15 @@ here the models share one mesh and each iteration is three compiled functions:
   update(actor_state, critic_state, exp, beta, key) -> E epochs x M shuffled minibatches
                                                        (nested lax.scan)
 
+Each phase can work through its rows in sequential pieces inside its program, NeMo-Aligner's
+micro-batch knobs, all counted in responses per data-parallel replica (0 = all at once):
+`ppo.rollout_micro_batch_size` (responses decoded together: one piece's KV cache at a time),
+`ppo.forward_micro_batch_size` (rows per forward pass of score and evaluation: one piece's
+activations and logits at a time) and `ppo.micro_batch_size` (rows per forward + backward
+of the update; gradients summed over a minibatch's micro-batches, one optimizer step per
+minibatch). The results are those of the whole batch: the same samples, the same scores to
+float rounding, the same update (the losses divide by the whole minibatch's denominators).
+
 The rollout's log-probs serve as the "old" policy log-probs (no extra actor
 forward); a test checks they equal a fresh forward pass. In bfloat16, where
 the sampler's cached decode and a full forward round differently, set
@@ -57,7 +66,7 @@ from cai_jax.train.lm import vocab_logprobs
 from cai_jax.train.loop import (DivergenceGuard, LoopSettings, NonFiniteError,
                                 check_workdir_writable, run_training)
 from cai_jax.train.optim import make_optimizer
-from cai_jax.train.state import TrainState, create_state
+from cai_jax.train.state import TrainState, create_state, split_microbatches
 
 # reward_fn(seq [B, S], valid [B, S], positions [B, S], last_col [B]) -> score [B].
 # Traced inside the compiled scoring function, so it must be jittable. Tests
@@ -149,7 +158,12 @@ def sequence_scores(reward, reward_params, r: Rollout, *, P: int, hp):
   """(raw reward [B], reward after the no-stop penalty [B])."""
   last_col = P + jnp.maximum(r.lengths - 1, 0)
   raw = reward(reward_params, r.seq, r.valid, r.positions, last_col).astype(jnp.float32)
-  return raw, raw - hp.no_stop_penalty * (~r.stopped).astype(jnp.float32)
+  return raw, no_stop_penalty(raw, r, hp)
+
+
+def no_stop_penalty(raw, r: Rollout, hp):
+  """The score [B] after `hp.no_stop_penalty` is taken from responses that never ended."""
+  return raw - hp.no_stop_penalty * (~r.stopped).astype(jnp.float32)
 
 
 # --- the three compiled phases --------------------------------------------------
@@ -160,15 +174,36 @@ def split_rng(rng):
   return tuple(jax.random.key_data(k) for k in keys)
 
 
+def map_rows(fn, rows, chunks: int):
+  """`fn(rows)` computed on `chunks` pieces of the rows one after another (a `lax.map`, one
+  loop in the compiled program), so only one piece's temporaries (KV cache, activations,
+  logits) exist at a time. `fn` must treat rows independently and return arrays with the
+  rows first; the result is laid out as `fn(rows)`'s.
+
+  Piece i holds rows i, i + chunks, ... (`split_microbatches`): rows sharded over the
+  data-parallel devices stay where they are, every device working on its own share of each
+  piece. chunks=1 calls `fn` once on all rows."""
+  if chunks == 1:
+    return fn(rows)
+  out = jax.lax.map(fn, split_microbatches(rows, chunks))
+  return jax.tree_util.tree_map(lambda x: x.swapaxes(0, 1).reshape((-1,) + x.shape[2:]), out)
+
+
 def rollout(actor_cfg: MistralConfig, actor_params, prompt_ids, prompt_lengths,
-            sp: sampling.SamplingParams, key, *, max_new_tokens: int, pad_id: int) -> Rollout:
+            sp: sampling.SamplingParams, key, *, max_new_tokens: int, pad_id: int,
+            chunks: int = 1) -> Rollout:
   """Samples one response per prompt. `key` (raw key data) replaces `sp.seeds`, so
-  the samples depend on the run's key, not on anything decided on the host."""
+  the samples depend on the run's key, not on anything decided on the host.
+
+  `chunks` > 1 decodes the rows in that many sequential pieces (`map_rows`), each with its
+  own KV cache. Each row's seed is drawn for its place in the whole batch and every row
+  samples on its own, so the responses are those of the single pass."""
   B, Pn = prompt_ids.shape
   seeds = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(key), B))
   sp = sp._replace(seeds=seeds)
-  out = sampling.sample(actor_cfg, actor_params, prompt_ids, prompt_lengths, sp,
-                        max_new_tokens=max_new_tokens, pad_id=pad_id)
+  out = map_rows(lambda x: sampling.sample(actor_cfg, actor_params, *x,
+                                           max_new_tokens=max_new_tokens, pad_id=pad_id),
+                 (prompt_ids, prompt_lengths, sp), chunks)
   N = max_new_tokens
   cols = jnp.arange(Pn)[None, :]
   pad = (Pn - prompt_lengths)[:, None]
@@ -182,7 +217,8 @@ def rollout(actor_cfg: MistralConfig, actor_params, prompt_ids, prompt_lengths,
 
 
 def score(ref_cfg, ref_params, critic_cfg, critic_params, reward, reward_params, r: Rollout,
-          kl_coef, *, P: int, hp, actor_cfg=None, actor_params=None) -> tuple[Experience, dict]:
+          kl_coef, *, P: int, hp, actor_cfg=None, actor_params=None,
+          chunks: int = 1) -> tuple[Experience, dict]:
   """Reference log-probs, values, rewards and GAE for a rollout, plus its metrics.
 
   With `hp.recompute_logprobs` the "old" log-probs come from a full forward of
@@ -191,17 +227,32 @@ def score(ref_cfg, ref_params, critic_cfg, critic_params, reward, reward_params,
   in bfloat16 the KV-cache decode rounds differently (up to ~2e-3 per token
   on the tiny model; `sampler_logp_error` logs it), and on accelerators the
   decode and prefill kernels differ too.
+
+  `chunks` > 1 runs the forward passes (reference, actor, critic, reward) on that many
+  sequential pieces of the rows (`map_rows`); the advantages and metrics, which mix rows,
+  follow on the whole batch.
   """
-  extra = {}
-  if hp.get("recompute_logprobs", False):
-    logp, _ = response_logprobs(actor_cfg, actor_params, r, P, hp.temperature)
-    extra["sampler_logp_error"] = jnp.max(jnp.where(r.mask, jnp.abs(logp - r.logp), 0.0))
-    r = r._replace(logp=logp)
-  ref_logp, _ = response_logprobs(ref_cfg, ref_params, r, P, hp.temperature)
+  recompute = hp.get("recompute_logprobs", False)
   critic_free = critic_params is None
-  values = (jnp.zeros_like(r.logp) if critic_free
-            else response_values(critic_cfg, critic_params, r, P))
-  raw_score, seq_score = sequence_scores(reward, reward_params, r, P=P, hp=hp)
+
+  def forwards(r: Rollout) -> dict:
+    out = {"ref_logp": response_logprobs(ref_cfg, ref_params, r, P, hp.temperature)[0],
+           "raw_score": sequence_scores(reward, reward_params, r, P=P, hp=hp)[0]}
+    if recompute:
+      out["logp"] = response_logprobs(actor_cfg, actor_params, r, P, hp.temperature)[0]
+    if not critic_free:
+      out["values"] = response_values(critic_cfg, critic_params, r, P)
+    return out
+
+  f = map_rows(forwards, r, chunks)
+  extra = {}
+  if recompute:
+    extra["sampler_logp_error"] = jnp.max(jnp.where(r.mask, jnp.abs(f["logp"] - r.logp), 0.0))
+    r = r._replace(logp=f["logp"])
+  ref_logp = f["ref_logp"]
+  values = jnp.zeros_like(r.logp) if critic_free else f["values"]
+  raw_score = f["raw_score"]
+  seq_score = no_stop_penalty(raw_score, r, hp)
   kl = jnp.where(r.mask, rl.kl_penalty(r.logp, ref_logp, hp.kl_estimator), 0.0)
   raw_adv, adv, returns = rl.estimate_advantages(
       hp.advantage, score=seq_score, kl=kl, values=values, mask=r.mask,
@@ -245,7 +296,7 @@ def experience_metrics(exp: Experience, raw_score, raw_adv, k3) -> dict:
 
 def update(actor_cfg, critic_cfg, actor_tx, critic_tx, actor: TrainState,
            critic: TrainState | None, exp: Experience, kl_coef, key, frozen: "Frozen", *, P: int,
-           hp):
+           hp, micro_steps: int = 1):
   """E epochs x M shuffled minibatches of the clipped policy loss (plus `kl_coef` x the KL
   to the reference when `hp.kl_in == "loss"`) and, with a critic, the clipped value loss;
   each reduced by `hp.loss_agg`. With `hp.unfinished == "mask"` responses that never ended
@@ -255,6 +306,12 @@ def update(actor_cfg, critic_cfg, actor_tx, critic_tx, actor: TrainState,
   first minibatch of the first epoch sees the rollout policy itself: ratio 1, unless LoRA
   dropout perturbs it), plus the param norms after the update. Under LoRA the states hold
   the adapters (and the critic's head) and `frozen` the bases they are joined with.
+
+  `micro_steps` > 1 runs each minibatch's forward and backward passes in that many
+  micro-batches (`accumulate`) and applies one optimizer step per minibatch. The losses and
+  statistics divide by the minibatch's own denominators (`rl.denominators`: its valid
+  tokens, or rows), fixed before the split, so the summed shares are the minibatch's values
+  for every `hp.loss_agg` and the gradients the minibatch's gradients.
   """
   B = exp.rollout.seq.shape[0]
   M = hp.num_minibatches
@@ -264,26 +321,29 @@ def update(actor_cfg, critic_cfg, actor_tx, critic_tx, actor: TrainState,
               policy_mask=policy_mask, logp=r.logp, ref_logp=exp.ref_logp, values=exp.values,
               advantages=exp.advantages, returns=exp.returns)
 
-  def actor_loss(params, mb, rng):
+  # Each loss takes the denominators of the minibatch its rows belong to (`den`): on a
+  # micro-batch it returns its share of the minibatch's loss and statistics.
+  def actor_loss(params, mb, rng, den):
     r = Rollout(mb["seq"], mb["valid"], mb["positions"], mb["mask"], mb["logp"], None, None)
     logp, entropy = response_logprobs(actor_cfg, lora.combine(params, frozen.actor), r, P,
                                       hp.temperature, with_entropy=True, dropout_rng=rng)
     mask = mb["policy_mask"]
     loss, stats = rl.policy_loss(logp, mb["logp"], mb["advantages"], mask, hp.clip_eps,
-                                 hp.loss_agg)
-    ent = rl.aggregate(entropy, mask, hp.loss_agg)
+                                 hp.loss_agg, den)
+    ent = rl.aggregate(entropy, mask, hp.loss_agg, den)
     total = loss - hp.entropy_coef * ent
     if hp.kl_in == "loss":
-      kl = rl.aggregate(rl.kl_penalty(logp, mb["ref_logp"], hp.kl_estimator), mask, hp.loss_agg)
+      kl = rl.aggregate(rl.kl_penalty(logp, mb["ref_logp"], hp.kl_estimator), mask, hp.loss_agg,
+                        den)
       total = total + kl_coef * kl
       stats["kl_loss"] = kl
     return total, {"policy_loss": loss, "entropy": ent, **stats}
 
-  def critic_loss(params, mb, rng):
+  def critic_loss(params, mb, rng, den):
     r = Rollout(mb["seq"], mb["valid"], mb["positions"], mb["mask"], None, None, None)
     values = response_values(critic_cfg, lora.combine(params, frozen.critic), r, P, rng)
     loss, stats = rl.value_loss(values, mb["values"], mb["returns"], mb["mask"], hp.value_clip,
-                                hp.loss_agg)
+                                hp.loss_agg, den)
     return hp.vf_coef * loss, {"value_loss": loss, **stats}
 
   def apply(state, tx, grads):
@@ -295,11 +355,13 @@ def update(actor_cfg, critic_cfg, actor_tx, critic_tx, actor: TrainState,
     actor, critic = carry
     mb, k = xs
     a_key, c_key = jax.random.split(jax.random.wrap_key_data(k))
-    (_, stats), a_grads = jax.value_and_grad(actor_loss, has_aux=True)(actor.params, mb, a_key)
+    policy_den = rl.denominators(mb["policy_mask"], hp.loss_agg)
+    stats, a_grads = accumulate(actor_loss, actor.params, mb, a_key, policy_den, micro_steps)
     stats["actor_grad_norm"] = optax.global_norm(a_grads)
     if critic is not None:
-      (_, c_stats), c_grads = jax.value_and_grad(critic_loss, has_aux=True)(critic.params, mb,
-                                                                            c_key)
+      value_den = rl.denominators(mb["mask"], hp.loss_agg)
+      c_stats, c_grads = accumulate(critic_loss, critic.params, mb, c_key, value_den,
+                                    micro_steps)
       stats.update(c_stats, critic_grad_norm=optax.global_norm(c_grads))
       critic = apply(critic, critic_tx, c_grads)
     return (apply(actor, actor_tx, a_grads), critic), stats
@@ -317,6 +379,33 @@ def update(actor_cfg, critic_cfg, actor_tx, critic_tx, actor: TrainState,
   if critic is not None:
     stats["critic_param_norm"] = optax.global_norm(critic.params)
   return actor, critic, stats
+
+
+def accumulate(loss_fn, params, mb: dict, key, den: rl.Denominators, steps: int):
+  """(statistics, gradients) of `loss_fn(params, rows, key, den) -> (loss, statistics)` on a
+  minibatch, summed over `steps` micro-batches of its rows (a `lax.scan`; interleaved as
+  `split_microbatches` lays them out, so no row changes device), each with its own dropout
+  key. With the minibatch's `den` each micro-batch's loss and statistics are its shares,
+  and the sums are the minibatch's. steps=1: one pass on the whole minibatch with `key`.
+  (With LoRA dropout a micro-batch draws its own masks: alike in distribution to the whole
+  minibatch's, not the same draws.)"""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if steps == 1:
+    (_, stats), grads = grad_fn(params, mb, key, den)
+    return stats, grads
+  micro = split_microbatches(mb, steps)
+  keys = jax.random.split(key, steps)
+  first = jax.tree_util.tree_map(lambda x: x[0], micro)
+  (_, stat_shapes), grad_shapes = jax.eval_shape(grad_fn, params, first, keys[0], den)
+  zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (stat_shapes, grad_shapes))
+
+  def body(carry, xs):
+    rows, k = xs
+    (_, stats), grads = grad_fn(params, rows, k, den)
+    return jax.tree_util.tree_map(jnp.add, carry, (stats, grads)), None
+
+  (stats, grads), _ = jax.lax.scan(body, zeros, (micro, keys))
+  return stats, grads
 
 
 def summarize_update(stats: dict) -> dict:
@@ -437,6 +526,22 @@ def init_state(cfg, mesh, actor: common.Trained, critic: common.Trained | None):
 
 # --- the iteration ---------------------------------------------------------------
 
+def micro_steps(hp, knob: str, rows: int, dp: int, what: str) -> int:
+  """How many sequential pieces `hp.<knob>` (responses per data-parallel replica at once,
+  0 = all) splits `rows` global rows into; a clear error unless it divides each replica's
+  share."""
+  size = hp.get(knob, 0)
+  if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+    raise ValueError(f"ppo.{knob}={size!r}: must be an integer >= 0 (0 = all at once)")
+  per_replica = rows // dp
+  if size == 0:
+    return 1
+  if per_replica % size:
+    raise ValueError(f"ppo.{knob}={size} must divide the {per_replica} responses each of the "
+                     f"{dp} data-parallel replicas holds of {what} ({rows})")
+  return per_replica // size
+
+
 class Iteration:
   """One PPO iteration, the training loop's step: `(state, prompt batch) -> (state,
   metrics)`. Rollout, score and update are three compiled programs; between them the host
@@ -478,6 +583,13 @@ class Iteration:
       raise ValueError(f"the {B} responses of an iteration and their minibatches of "
                        f"{B // hp.num_minibatches} must be multiples of the data-parallel "
                        f"size {dp}")
+    # Sequential pieces of each phase: rollout decodes, score forwards, update micro-batches.
+    self.rollout_chunks = micro_steps(hp, "rollout_micro_batch_size", B, dp,
+                                      "the responses of an iteration")
+    self.forward_chunks = micro_steps(hp, "forward_micro_batch_size", B, dp,
+                                      "the responses of an iteration")
+    self.micro_steps = micro_steps(hp, "micro_batch_size", B // hp.num_minibatches, dp,
+                                   "a minibatch's responses")
     self.kl = rl.KLController(hp.init_kl_coef, adaptive=hp.adaptive_kl, target=hp.target_kl,
                               horizon=hp.kl_horizon)
     self.replicated = parallel.replicated(mesh)
@@ -507,7 +619,7 @@ class Iteration:
     self.rollout_fn = jax.jit(
         lambda actor, frozen, *args: rollout(
             m.actor_cfg, lora.combine(actor, frozen.actor), *args, max_new_tokens=N,
-            pad_id=self.tokenizer.pad_id),
+            pad_id=self.tokenizer.pad_id, chunks=self.rollout_chunks),
         in_shardings=(actor_sh.params, frozen_sh, rows(2), rows(1),
                       sampling.sampling_params_shardings(mesh), replicated),
         out_shardings=roll_sh)
@@ -516,22 +628,24 @@ class Iteration:
             m.ref_cfg, ref, m.critic_cfg,
             None if critic is None else lora.combine(critic, frozen.critic), m.reward,
             reward_params, r, beta, P=P, hp=hp, actor_cfg=m.actor_cfg,
-            actor_params=lora.combine(actor, frozen.actor)),
+            actor_params=lora.combine(actor, frozen.actor), chunks=self.forward_chunks),
         in_shardings=(actor_sh.params, critic_params_sh, frozen_sh, m.ref_shardings,
                       m.reward_shardings, roll_sh, replicated),
         out_shardings=(exp_sh, replicated))
     self.update_fn = jax.jit(
-        functools.partial(update, m.actor_cfg, m.critic_cfg, *optimizers, P=P, hp=hp),
+        functools.partial(update, m.actor_cfg, m.critic_cfg, *optimizers, P=P, hp=hp,
+                          micro_steps=self.micro_steps),
         in_shardings=(actor_sh, critic_sh, exp_sh, replicated, replicated, frozen_sh),
         out_shardings=(actor_sh, critic_sh, replicated),
         donate_argnums=(0, 1), compiler_options=gradient_program_options())
     # Small programs that hand results to the host, replicated so every process
     # can read them (a batch-sharded array is not addressable on one host).
     self.eval_fn = jax.jit(
-        lambda actor, frozen, ref, reward_params, r: (
-            sequence_scores(m.reward, reward_params, r, P=P, hp=hp)[1], r.lengths, r.stopped,
-            sequence_kl(m.actor_cfg, lora.combine(actor, frozen.actor), m.ref_cfg, ref, r, P,
-                        hp.temperature)),
+        lambda actor, frozen, ref, reward_params, r: map_rows(
+            lambda r: (sequence_scores(m.reward, reward_params, r, P=P, hp=hp)[1], r.lengths,
+                       r.stopped, sequence_kl(m.actor_cfg, lora.combine(actor, frozen.actor),
+                                              m.ref_cfg, ref, r, P, hp.temperature)),
+            r, self.forward_chunks),
         in_shardings=(actor_sh.params, frozen_sh, m.ref_shardings, m.reward_shardings, roll_sh),
         out_shardings=replicated)
     self.gather_fn = jax.jit(lambda x: x, out_shardings=replicated)
