@@ -110,6 +110,13 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.ppo.max_new_tokens = 512          # prompt + response <= 1024, NeMo's max_length
     c.ppo.num_minibatches = 8           # global batch 64
     c.ppo.recompute_logprobs = True     # bfloat16 compute
+    # Memory only (responses per data-parallel replica at once; results unchanged): with
+    # lora.rank=16 PPO fits one 80 GB GPU (launch.plan: ~28 GiB of models + the largest phase,
+    # the score's forwards, ~16 GiB). Each divides a replica's share on 1 to 8 GPUs (on 8 a
+    # replica holds 64 responses and 8 of each minibatch: fewer pieces, or one).
+    c.ppo.rollout_micro_batch_size = 64   # KV cache of 64 x 1024 positions: 8 GiB
+    c.ppo.forward_micro_batch_size = 32   # largest piece of the score / evaluation forwards
+    c.ppo.micro_batch_size = 8            # 1/8 of a one-GPU minibatch's activations: 10.6 GiB
     c.actor_optim = optim_config(lr=9e-8, min_lr=9e-9)
     c.critic_optim = optim_config(lr=3e-7, min_lr=9e-8)
     c.eval_every = 10

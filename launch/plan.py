@@ -4,6 +4,10 @@ Prints, for every training/generation stage of the pipeline config, the bytes
 per device of params, gradients, optimizer state, activations and KV caches on
 the given mesh, and whether it fits the device memory. No device is touched.
 
+The RL stage is planned phase by phase (`cai_jax.plan.total`): its models plus the largest
+of the rollout's KV cache, the score's forwards and the update's activations, each for the
+micro-batch its `ppo.*micro_batch_size` knob sets (rows per data-parallel replica).
+
 A trained stage (sft, rm, ppo) with `lora.rank > 0` is planned as LoRA: frozen base in
 `lora.base_dtype` (else PPO's `frozen_dtype`, else `param_dtype`) plus trained adapters. A
 pipeline-level `lora` block with rank > 0 applies to every stage whose own rank is 0 (as
@@ -104,7 +108,10 @@ def plan_pipeline(cfg, mesh: plan.Mesh, notes: dict | None = None) -> dict[str, 
       actor, actor, mesh, rollout_batch=responses, prompt_len=p.max_prompt_len,
       new_tokens=p.ppo.max_new_tokens, minibatch=responses // p.ppo.num_minibatches,
       remat=p.remat, frozen_dtype=p.frozen_dtype or None, with_critic=p.ppo.advantage == "gae",
-      base_dtype=_base_dtype(cfg, p))
+      base_dtype=_base_dtype(cfg, p),
+      rollout_micro_batch=p.ppo.get("rollout_micro_batch_size", 0),
+      forward_micro_batch=p.ppo.get("forward_micro_batch_size", 0),
+      micro_batch=p.ppo.get("micro_batch_size", 0))
   notes[name] = describe(cfg, p, actor, p.frozen_dtype or actor.param_dtype)
   return stages
 
