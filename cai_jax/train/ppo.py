@@ -894,13 +894,17 @@ def run_ppo(cfg, workdir: str, *, reward_fn: RewardFn | None = None, force: bool
     ckpt.close()
     writer.close()
 
-  paths = common.export_trained(workdir, iteration.models.actor, state.actor.params, head="lm",
+  m = iteration.models
+  training = {"actor": common.training_summary(m.actor._replace(params=state.actor.params))}
+  if state.critic is not None:
+    training["critic"] = common.training_summary(m.critic._replace(params=state.critic.params))
+  paths = common.export_trained(workdir, m.actor, state.actor.params, head="lm",
                                 hf=cfg.export_hf, tokenizer_path=cfg.tokenizer)
   report = {"stage": "ppo", "iterations": cfg.iterations, "resumed_from": summary["resumed_from"],
             "data": {**train_stats, **{f"val_{k}": v for k, v in val_stats.items()}},
             "first_eval": summary["initial_eval"] or None, "final_eval": summary["final_eval"],
             "final_train": summary["final_train"], "kl_coef": iteration.kl.value,
-            "outputs": paths}
+            "training": training, "outputs": paths}
   if lead:
     jsonl.atomic_write_json(os.path.join(workdir, "report.json"), report)
     jsonl.write_manifest(workdir, stage="ppo", config=cfg, inputs=stage_inputs(cfg),
