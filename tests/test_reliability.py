@@ -102,6 +102,10 @@ def test_an_edited_input_file_is_another_run(sp_model_path, tmp_path):
     ("ppo", "iterations", -5, "must be >= 1"),
     ("ppo", "ppo.gamma", 1.5, "must be in [0.0, 1.0]"),
     ("ppo", "ppo.kl_estimator", "k9", "must be one of"),
+    ("ppo", "ppo.micro_batch_size", -1, "must be >= 0"),
+    ("sft", "lora.rank", -4, "must be >= 0"),
+    ("dpo", "lora.alpha", 0.0, "must be > 0.0"),
+    ("ppo", "lora.base_dtype", "int8", "must be one of"),
 ])
 def test_nonsense_values_are_refused_naming_the_field(stage, field, value, expected):
   import importlib
@@ -110,6 +114,19 @@ def test_nonsense_values_are_refused_naming_the_field(stage, field, value, expec
   cfg.update_from_flattened_dict({field: value})
   problems = preflight.value_problems(stage, cfg)
   assert any(p.startswith(f"config.{field}=") and expected in p for p in problems), problems
+
+
+def test_rl_memory_knobs_are_not_part_of_the_run_identity():
+  """The RL stage's micro-batch sizes change how much runs at once, not the results: a run
+  may resume with others (on another GPU); an algorithmic field is another run."""
+  from configs.ppo import get_config
+  cfg = get_config("mistral_7b")
+  recorded = identity.run_identity(cfg, {})
+  cfg.ppo.update(rollout_micro_batch_size=8, forward_micro_batch_size=8, micro_batch_size=2)
+  assert identity.run_identity(cfg, {}) == recorded
+  cfg.ppo.clip_eps = 0.3
+  assert identity.differences(recorded, identity.run_identity(cfg, {})) == [
+      "ppo.clip_eps: 0.2 -> 0.3"]
 
 
 def test_trainers_refuse_nonsense_before_any_work(sp_model_path, tmp_path):

@@ -19,6 +19,7 @@ the divergence guard may resume with a looser bound.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from typing import Any, Mapping
@@ -30,6 +31,8 @@ RESUMABLE_FIELDS = frozenset({
     "max_steps", "num_epochs", "iterations", "log_every", "eval_every", "save_every",
     "keep_checkpoints", "sample_every", "num_samples_logged", "export_hf", "mesh",
     "max_eval_prompts", "guard",
+    # How much of the RL stage's batch runs at once: memory, not results.
+    "ppo.rollout_micro_batch_size", "ppo.forward_micro_batch_size", "ppo.micro_batch_size",
 })
 
 
@@ -39,12 +42,24 @@ class RunIdentityError(ValueError):
 
 def run_identity(config: Any, inputs: Mapping[str, str]) -> dict:
   """The identity of a run: its config (less `RESUMABLE_FIELDS`) and its inputs' hashes."""
-  plain = jsonl.plain_config(config)
   return {
-      "config": {k: v for k, v in plain.items() if k not in RESUMABLE_FIELDS},
+      "config": _identity_fields(jsonl.plain_config(config)),
       "inputs": {name: jsonl.input_entry(src)["sha256"] or os.fspath(src)
                  for name, src in sorted(inputs.items()) if src},
   }
+
+
+def _identity_fields(plain: dict) -> dict:
+  """A plain config without `RESUMABLE_FIELDS` (a dotted name drops a nested field)."""
+  out = copy.deepcopy(plain)
+  for name in RESUMABLE_FIELDS:
+    *parents, leaf = name.split(".")
+    node = out
+    for p in parents:
+      node = node.get(p) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+      node.pop(leaf, None)
+  return out
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict:
@@ -136,8 +151,7 @@ def claim_workdir(workdir: str, config: Any, inputs: Mapping[str, str], *, force
     # A workdir from before identities were recorded: its manifest holds the config.
     manifest = jsonl.read_manifest(workdir)
     if manifest and isinstance(manifest.get("config"), dict):
-      recorded = {"config": {k: v for k, v in manifest["config"].items()
-                             if k not in RESUMABLE_FIELDS},
+      recorded = {"config": _identity_fields(manifest["config"]),
                   "inputs": current["inputs"]}
   work = _has_work(workdir)
   if recorded is None:
