@@ -36,6 +36,21 @@ STAGES = ("tokenizer", "chat_tokens", "base", "sl_cai", "sft", "hh", "rl_cai", "
 POLICY_STAGES = ("ppo", "dpo")
 
 
+LORA_STAGES = ("sft", "rm", "ppo", "dpo")
+
+
+def apply_lora(cfg) -> None:
+  """The pipeline's `lora` block (rank > 0) becomes the block of every trained stage whose
+  own rank is 0; a stage with its own rank keeps its block."""
+  lora = cfg.get("lora", None)
+  if lora is None or not lora.rank:
+    return
+  for stage in LORA_STAGES:
+    if not cfg[stage].lora.rank:
+      with cfg[stage].unlocked():
+        cfg[stage].lora = lora.copy_and_resolve_references()
+
+
 def evaluate_config(preset: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.red_team_prompts = "data/red_team_attempts_eval.jsonl"   # held out from every stage
@@ -116,6 +131,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.dpo.optim.lr = 2e-4                # from the SFT model, not from scratch
     c.dpo.optim.min_lr = 2e-5
   elif preset == "mistral_7b":
+    c.lora.base_dtype = "bfloat16"
     c.tokenizer_corpus = ""
     # One command, no servers: SL-CAI generates in process with the instruct model.
     c.sl_cai.backend = backend_config(kind="local", template="mistral_inst", batch_size=64)

@@ -41,6 +41,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.num_epochs = 1
     c.dtype = "bfloat16"
     c.param_dtype = "float32"
+    c.lora.base_dtype = "bfloat16"       # with lora.rank > 0: the frozen 7B base in bf16
     c.remat = True
     c.optim = optim_config(lr=1e-6, min_lr=0.0, warmup_steps=10, weight_decay=0.01)
     c.log_every = 1

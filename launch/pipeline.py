@@ -24,6 +24,7 @@ import time
 import ml_collections
 from absl import app, flags
 
+from configs.pipeline import apply_lora
 from launch import runtime
 
 _CONFIG = runtime.define_config("configs/pipeline.py:tiny", "Pipeline config.")
@@ -41,21 +42,6 @@ def _set(cfg, path: str, value, *, only_if_empty: bool = True):
   with node.unlocked():
     if not (only_if_empty and node.get(keys[-1])):
       node[keys[-1]] = value
-
-
-LORA_STAGES = ("sft", "rm", "ppo", "dpo")
-
-
-def apply_lora(cfg) -> None:
-  """The pipeline's `lora` block (rank > 0) becomes the block of every trained stage whose
-  own rank is 0; a stage with its own rank keeps its block."""
-  lora = cfg.get("lora", None)
-  if lora is None or not lora.rank:
-    return
-  for stage in LORA_STAGES:
-    if not cfg[stage].lora.rank:
-      with cfg[stage].unlocked():
-        cfg[stage].lora = lora.copy_and_resolve_references()
 
 
 class Pipeline:

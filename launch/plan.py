@@ -24,6 +24,7 @@ from absl import app, flags
 from cai_jax import plan
 from cai_jax.model import MistralConfig
 from cai_jax.model.config import LORA_TARGETS
+from configs.pipeline import apply_lora
 from launch import runtime
 
 _CONFIG = runtime.define_config("configs/pipeline.py:mistral_7b", "Pipeline config.")
@@ -32,21 +33,18 @@ _DEVICE_GB = flags.DEFINE_float("device_memory_gb", 80.0, "Memory of one device,
 _JSON = flags.DEFINE_string("json", "", "Also write the numbers (bytes) to this file.")
 
 
-def stage_lora(cfg, stage_cfg):
-  """The `lora` block a stage trains with, or None (full fine-tuning): the stage's own when
-  its rank is > 0, else the pipeline's when that one's rank is > 0."""
-  for block in (stage_cfg.get("lora"), cfg.get("lora")):
-    if block is not None and int(block.get("rank", 0)) > 0:
-      return block
-  return None
+def stage_lora(stage_cfg):
+  """The `lora` block a stage trains with, or None (full fine-tuning)."""
+  block = stage_cfg.get("lora")
+  return block if block is not None and int(block.get("rank", 0)) > 0 else None
 
 
-def model_with(cfg, stage_cfg):
+def model_with(stage_cfg):
   """The stage's model config: its dtype, remat and LoRA settings over its `model` block."""
   m = MistralConfig.from_config(stage_cfg.model)
   over = {k: stage_cfg.get(k) for k in ("dtype", "param_dtype", "remat_policy")
           if stage_cfg.get(k)}
-  lora = stage_lora(cfg, stage_cfg)
+  lora = stage_lora(stage_cfg)
   if lora is not None:
     over["lora_rank"] = int(lora.rank)
     if lora.get("targets"):
@@ -54,18 +52,18 @@ def model_with(cfg, stage_cfg):
   return m.replace(**over, remat=bool(stage_cfg.get("remat", False)))
 
 
-def _base_dtype(cfg, stage_cfg) -> str | None:
+def _base_dtype(stage_cfg) -> str | None:
   """A LoRA stage's `lora.base_dtype`, or None (the stage's default)."""
-  lora = stage_lora(cfg, stage_cfg)
+  lora = stage_lora(stage_cfg)
   return (lora.get("base_dtype") or None) if lora is not None else None
 
 
-def describe(cfg, stage_cfg, model: MistralConfig, default_base: str) -> str:
+def describe(stage_cfg, model: MistralConfig, default_base: str) -> str:
   """How a trained stage trains, for the table: full fine-tuning or LoRA's rank, targets,
   adapter count and base dtype."""
   if not model.lora_rank:
     return f"full fine-tuning, {model.param_dtype} params"
-  base = _base_dtype(cfg, stage_cfg) or default_base
+  base = _base_dtype(stage_cfg) or default_base
   targets = ("all projections" if set(model.lora_targets) == set(LORA_TARGETS)
              else ",".join(model.lora_targets))
   return (f"LoRA rank {model.lora_rank} on {targets}: "
@@ -82,37 +80,39 @@ def plan_pipeline(cfg, mesh: plan.Mesh, notes: dict | None = None) -> dict[str, 
   trains} for the trained stages."""
   stages: dict[str, dict] = {}
   notes = {} if notes is None else notes
+  cfg = cfg.copy_and_resolve_references()
+  apply_lora(cfg)              # the pipeline's lora block, as launch.pipeline applies it
   gen_len = 0
   if "sl_cai" in cfg:
     g = cfg.sl_cai.generation
     gen_len = cfg.sft.max_seq_len
     stages["sl_cai generation"] = plan.generation_stage(
-        model_with(cfg, cfg.sft), mesh, batch=cfg.sl_cai.backend.batch_size,
+        model_with(cfg.sft), mesh, batch=cfg.sl_cai.backend.batch_size,
         total_len=min(gen_len + g.max_new_tokens, 2 * gen_len))
   s = cfg.sft
-  m = model_with(cfg, s)
+  m = model_with(s)
   stages["sft"] = plan.train_stage(m, mesh, micro_batch=_micro(s, mesh), seq=s.max_seq_len,
-                                   remat=s.remat, base_dtype=_base_dtype(cfg, s))
-  notes["sft"] = describe(cfg, s, m, m.param_dtype)
+                                   remat=s.remat, base_dtype=_base_dtype(s))
+  notes["sft"] = describe(s, m, m.param_dtype)
   r = cfg.rm
-  m = model_with(cfg, r)
+  m = model_with(r)
   stages["reward model"] = plan.train_stage(m, mesh, micro_batch=2 * _micro(r, mesh),
                                             seq=r.max_seq_len, remat=r.remat, head="scalar",
-                                            base_dtype=_base_dtype(cfg, r))
-  notes["reward model"] = describe(cfg, r, m, m.param_dtype)
+                                            base_dtype=_base_dtype(r))
+  notes["reward model"] = describe(r, m, m.param_dtype)
   p = cfg.ppo
-  actor = model_with(cfg, p)
+  actor = model_with(p)
   responses = p.rollout_batch_size * p.ppo.samples_per_prompt
   name = p.ppo.advantage if p.ppo.advantage != "gae" else "ppo"
   stages[name] = plan.ppo_stage(
       actor, actor, mesh, rollout_batch=responses, prompt_len=p.max_prompt_len,
       new_tokens=p.ppo.max_new_tokens, minibatch=responses // p.ppo.num_minibatches,
       remat=p.remat, frozen_dtype=p.frozen_dtype or None, with_critic=p.ppo.advantage == "gae",
-      base_dtype=_base_dtype(cfg, p),
+      base_dtype=_base_dtype(p),
       rollout_micro_batch=p.ppo.get("rollout_micro_batch_size", 0),
       forward_micro_batch=p.ppo.get("forward_micro_batch_size", 0),
       micro_batch=p.ppo.get("micro_batch_size", 0))
-  notes[name] = describe(cfg, p, actor, p.frozen_dtype or actor.param_dtype)
+  notes[name] = describe(p, actor, p.frozen_dtype or actor.param_dtype)
   return stages
 
 

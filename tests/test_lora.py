@@ -452,7 +452,7 @@ def test_ppo_lora_reward_rises_on_held_out_prompts_with_bounded_kl(tmp_path, sp_
 
 def test_the_pipelines_lora_block_reaches_every_trained_stage_unless_set_there():
   from configs.pipeline import get_config
-  from launch.pipeline import apply_lora
+  from configs.pipeline import apply_lora
   cfg = get_config("tiny")
   cfg.lora.rank, cfg.lora.alpha = 16, 64.0
   cfg.rm.lora.rank = 4
