@@ -281,8 +281,8 @@ def test_pipeline_lora_block_applies_to_stages_without_their_own():
   cfg.sft.lora.rank = 32                 # a stage's own block wins
   stages = plan_pipeline(cfg, plan.Mesh(1, 1, 1))
   r8 = plan.lora_params(_mistral_7b(lora_rank=8))
-  assert stages["sft"]["adapters+grads+optimizer"] == 4 * r8 * 16          # rank 32, fp32 base
-  assert stages["sft"]["frozen_base"] == 7_241_732_096 * 4
+  assert stages["sft"]["adapters+grads+optimizer"] == 4 * r8 * 16          # rank 32
+  assert stages["sft"]["frozen_base"] == 7_241_732_096 * 2    # the 7B preset's bf16 base
   assert stages["reward model"]["adapters+head+grads+optimizer"] == (r8 + 4096) * 16
   assert stages["reward model"]["frozen_base"] == (7_110_664_192 - 4096) * 2
   assert stages["ppo"]["actor_adapters+grads+optimizer"] == r8 * 16
