@@ -258,6 +258,24 @@ def _to_host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+@contextlib.contextmanager
+def publishing_dir(path: str):
+  """Yields a temporary sibling directory of `path` to write into; on success it replaces
+  `path` (renamed into place), on any failure it is removed and `path` is left as it was."""
+  path = os.path.abspath(path)
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp_" + os.path.basename(path) + "_", dir=parent)
+  try:
+    yield tmp
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
 def save_hf(path: str, config: MistralConfig, params, *, head: str = "lm",
             max_shard_bytes: int = 5 * 2**30, dtype: Any = None) -> None:
   """Writes an HF directory that `transformers` loads (`MistralForCausalLM`, or
@@ -275,9 +293,6 @@ def save_hf(path: str, config: MistralConfig, params, *, head: str = "lm",
     for _, _, thunk in _hf_tensors(config, params, head):
       thunk()
     return
-  path = os.path.abspath(path)
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
   groups: list[list] = [[]]
   size = 0
   for name, shape, thunk in _hf_tensors(config, params, head):
@@ -288,8 +303,7 @@ def save_hf(path: str, config: MistralConfig, params, *, head: str = "lm",
     groups[-1].append((name, thunk))
     size += nbytes
   n = len(groups)
-  tmp = tempfile.mkdtemp(prefix=".tmp_" + os.path.basename(path) + "_", dir=parent)
-  try:
+  with publishing_dir(path) as tmp:
     weight_map = {}
     for i, group in enumerate(groups, 1):
       fname = SINGLE_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
@@ -307,12 +321,6 @@ def save_hf(path: str, config: MistralConfig, params, *, head: str = "lm",
                 id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(hf, f, indent=2)
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.rename(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 # --- orbax --------------------------------------------------------------------

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +26,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from cai_jax.checkpoint import _to_host
+from cai_jax.checkpoint import _to_host, publishing_dir
 from cai_jax.model.config import LORA_TARGETS, MistralConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -187,20 +185,10 @@ def save_adapter(path: str, config: MistralConfig, params, *, head: str = "lm",
   if jax.process_index() != 0:
     return
   meta = _lora_config_json(config, head, base_model, score is not None)
-  path = os.path.abspath(path)
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp_" + os.path.basename(path) + "_", dir=parent)
-  try:
+  with publishing_dir(path) as tmp:
     save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(meta, f, indent=2, sort_keys=True)
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.rename(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def _targets(value: Any, source: str) -> set[str]:
