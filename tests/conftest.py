@@ -198,6 +198,19 @@ def rl_cai_serve():
 
 # ---- end of rl_cai fixtures ---------------------------------------------------
 
+# ---- RL fixtures (cai_jax/train/ppo.py: test_ppo, test_rl_estimators, test_ppo_microbatch,
+# test_lora) -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def prompt_files(tmp_path_factory, sp_model_path) -> tuple[str, str]:
+  """(train, held-out) red-team prompt files rendered with the NeMo template
+  (`tests/ppo_worker.write_prompt_files`), the RL tests' prompts."""
+  import ppo_worker
+  return ppo_worker.write_prompt_files(str(tmp_path_factory.mktemp("prompts")), sp_model_path)
+
+# ---- end of RL fixtures ---------------------------------------------------------
+
 # ---- train fixtures (cai_jax/train: tests/test_train.py, test_sft.py, test_rm.py) ----
 # Compiling the tiny model's init, train and eval steps costs tens of seconds on
 # a small CPU, and the training tests run the same programs many times (a

@@ -321,10 +321,6 @@ def test_lora_dpo_runs_and_keeps_the_base(tmp_path, sp_model_path, base_dirs, co
 
 # ---- the RL stage ------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def prompt_files(tmp_path_factory, sp_model_path):
-  return ppo_worker.write_prompt_files(str(tmp_path_factory.mktemp("prompts")), sp_model_path)
-
 
 def test_ppo_lora_reference_is_the_base_and_the_critic_shares_the_reward_model(
     sp_model_path, prompt_files, base_dirs):

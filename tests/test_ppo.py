@@ -52,11 +52,6 @@ def compilation_cache(train_compile_cache):
   return train_compile_cache
 
 
-@pytest.fixture(scope="module")
-def prompt_files(tmp_path_factory, sp_model_path):
-  return worker.write_prompt_files(str(tmp_path_factory.mktemp("prompts")), sp_model_path)
-
-
 make_cfg, reward = worker.config_from_files, worker.reward
 train_metrics, assert_metrics_close = worker.train_metrics, worker.assert_metrics_close
 

@@ -29,11 +29,6 @@ def compilation_cache(train_compile_cache):
   return train_compile_cache
 
 
-@pytest.fixture(scope="module")
-def prompt_files(tmp_path_factory, sp_model_path):
-  return worker.write_prompt_files(str(tmp_path_factory.mktemp("prompts")), sp_model_path)
-
-
 make_cfg, reward, train_metrics = worker.config_from_files, worker.reward, worker.train_metrics
 
 
