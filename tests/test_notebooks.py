@@ -1,5 +1,6 @@
 """The notebooks in colabs/ execute top to bottom (so they never rot)."""
 
+import json
 import os
 
 import nbformat
@@ -32,4 +33,27 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
   monkeypatch.setenv("CAI_JAX_QUICKSTART_WORKDIR", str(tmp_path))
   nb = execute("quickstart.ipynb", 1800)
   assert "cai_jax pipeline finished" in outputs(nb)
+  assert (tmp_path / "evaluate" / "report.json").exists()
+
+
+@pytest.mark.slow
+def test_one_gpu_lora_notebook_runs(tmp_path, monkeypatch):
+  monkeypatch.setenv("CAI_JAX_NOTEBOOK_WORKDIR", str(tmp_path))
+  monkeypatch.setenv("CAI_JAX_NOTEBOOK_QUICK", "1")
+  nb = execute("one_gpu_lora.ipynb", 900)
+  text = outputs(nb)
+  for title in ("Mistral-7B memory plan, LoRA rank 16", "Mistral-7B memory plan, full fine-tuning"):
+    assert title in text
+  assert text.count("| stage | component | GiB per device |") == 2
+  assert "Verdict per stage" in text
+  for stage in ("sft", "rm", "ppo"):
+    adapter = tmp_path / stage / "adapter"
+    assert (adapter / "adapter_config.json").exists()
+    assert (adapter / "adapter_model.safetensors").exists()
+    assert f"{stage}/adapter/adapter_config.json" in text
+  assert not (tmp_path / "tokenizer").exists()          # Mistral's tokenizer replaces the stage
+  assert json.loads((tmp_path / "sft" / "hf" / "config.json").read_text())["vocab_size"] == 32000
+  if "PEFT check skipped" not in text:
+    assert "-> matches" in text
+  assert "cai_jax pipeline finished" in text
   assert (tmp_path / "evaluate" / "report.json").exists()
