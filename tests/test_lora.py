@@ -233,6 +233,19 @@ def test_lora_sft_trains_only_the_adapters_and_keeps_the_base(sft_run, base_dirs
   assert losses[-1] < losses[0], losses
 
 
+def test_lora_sft_on_a_sharded_mesh_matches_one_device(tmp_path, sft_run, sp_model_path,
+                                                       base_dirs):
+  """Adapters follow their kernels' axes (the rank side replicated) on an fsdp x tensor mesh,
+  and train to the one-device run's losses."""
+  from cai_jax.train.sft import run_sft
+  cfg = train_worker.sft_config(sp_model_path, init_from=base_dirs["lm"], max_steps=3,
+                                save_every=3, **{"mesh.fsdp": 4, "mesh.tensor": 2, "micro_batch_size": 2,
+                                                 "lora.rank": 4, "optim.lr": 1e-2})
+  run_sft(cfg, str(tmp_path / "sharded"))
+  np.testing.assert_allclose(train_worker.train_losses(str(tmp_path / "sharded")),
+                             train_worker.train_losses(sft_run[1]), rtol=1e-4)
+
+
 def test_lora_resume_refuses_another_base(sft_run):
   _, workdir, _, _ = sft_run
   saved = json.load(open(os.path.join(workdir, "checkpoints", "3", "data", "metadata")))

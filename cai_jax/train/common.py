@@ -118,8 +118,9 @@ def load_trained(cfg, mesh: Mesh, *, head: str = "lm", init_from: str | None = N
                                allow_head_change=allow_head_change)
   config, base, base_sh = frozen_base
   config = with_lora(config, cfg.lora)
-  heads, frozen = lora.split(base, lambda path: path[0] in trained_heads)
-  heads_sh, frozen_sh = lora.split(base_sh, lambda path: path[0] in trained_heads)
+  trained = lora.trainable_leaves(trained_heads)     # of the base: the heads it trains
+  heads, frozen = lora.split(base, trained)
+  heads_sh, frozen_sh = lora.split(base_sh, trained)
   heads = jax.jit(lambda t: jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), t),
                   out_shardings=heads_sh)(heads)
   adapters, adapters_sh = lora.init_adapters(config, mesh, jax.random.PRNGKey(seed + 17),

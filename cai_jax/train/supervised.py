@@ -17,7 +17,7 @@ from absl import logging
 from cai_jax import parallel, preflight
 from cai_jax.data import batching, jsonl
 from cai_jax.metrics import MetricsWriter
-from cai_jax.model import MistralConfig
+from cai_jax.model import MistralConfig, lora
 from cai_jax.tokenizer import Tokenizer
 from cai_jax.train import common, identity
 from cai_jax.train.checkpointing import Checkpointer
@@ -103,7 +103,9 @@ def fit_supervised(cfg, workdir: str, *, mesh, tokenizer: Tokenizer, head: str,
   if tokenizer.vocab_size > config.vocab_size:
     raise ValueError(f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} tokens but the model "
                      f"only {config.vocab_size}")
-  parallel.assert_params_sharded(trained.full()[0], mesh)
+  # The base must be split over the model axes; adapters are sharded along their kernels'
+  # axes but their rank side is replicated (r / (in + out) of a kernel), so they are exempt.
+  parallel.assert_params_sharded(lora.split(trained.full()[0])[1], mesh)
   if rows_with_model is not None:
     train_rows, eval_rows = rows_with_model(config, *trained.full(), train_rows, eval_rows)
   batches = batching.BatchIterator(
