@@ -2,7 +2,7 @@
 created on a mesh, merged into the kernels.
 
 With `MistralConfig.lora_rank > 0` every adapted projection's params hold `lora_a` and
-`lora_b` beside `kernel` (see `mistral.Einsum`). A LoRA run trains the adapters (and, where a
+`lora_b` beside `kernel` (see `mistral.Projection`). A LoRA run trains the adapters (and, where a
 stage says so, a head) and keeps the rest frozen: `split` cuts a params tree into those two
 disjoint trees, `combine` joins them again (inside a jitted step, for free), so the optimizer,
 its state and the checkpoints see only the trained leaves.
