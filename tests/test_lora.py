@@ -233,6 +233,7 @@ def test_lora_sft_trains_only_the_adapters_and_keeps_the_base(sft_run, base_dirs
   assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow
 def test_lora_sft_on_a_sharded_mesh_matches_one_device(tmp_path, sft_run, sp_model_path,
                                                        base_dirs):
   """Adapters follow their kernels' axes (the rank side replicated) on an fsdp x tensor mesh,
@@ -246,14 +247,72 @@ def test_lora_sft_on_a_sharded_mesh_matches_one_device(tmp_path, sft_run, sp_mod
                              train_worker.train_losses(sft_run[1]), rtol=1e-4)
 
 
-def test_lora_resume_refuses_another_base(sft_run):
+def test_lora_resume_refuses_another_base(tmp_path, sft_run, base_dirs):
+  """The checkpoint's pointer to its base (path, config.json hash, files fingerprint) must
+  match the base a resume loads: the same directory written again is another base."""
   _, workdir, _, _ = sft_run
   saved = json.load(open(os.path.join(workdir, "checkpoints", "3", "data", "metadata")))
-  pointer = common.BasePointer(saved["lora_base"])
-  pointer.restore(saved["lora_base"])                           # the same base: fine
-  other = common.BasePointer({**saved["lora_base"], "config_sha256": "0" * 64})
+  assert saved["lora_base"] == common.base_pointer(base_dirs["lm"])
+  common.BasePointer(common.base_pointer(base_dirs["lm"])).restore(saved["lora_base"])
+  copy = str(tmp_path / "base")
+  shutil.copytree(base_dirs["lm"], copy)
+  rewritten = common.BasePointer(common.base_pointer(copy))
+  rewritten.restore(common.base_pointer(copy))
+  weights = next(os.path.join(r, n) for r, _, ns in os.walk(copy) for n in ns
+                 if n != "config.json")
+  os.utime(weights, ns=(0, 0))                                  # the same bytes, written again
   with pytest.raises(CheckpointRestoreError, match="trained on the base"):
-    other.restore(saved["lora_base"])
+    common.BasePointer(common.base_pointer(copy)).restore(rewritten.state())
+
+
+def test_merge_into_a_bfloat16_base_keeps_the_adapters_update():
+  """A bf16 base's merge is float32: rounding W + scale B A back to bf16 would erase updates
+  far below W's bf16 spacing, which the adapted model still computes."""
+  params = unit_params(CFG)
+  adapters, base = lora.split(params)
+  base = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), base)
+  adapters = jax.tree_util.tree_map(lambda x: x * 1e-2, adapters)    # small: ~1e-4 of W
+  params = lora.combine(adapters, base)
+  config, merged = lora.merge(CFG, params)
+  assert config.param_dtype == "float32"
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(merged))
+  adapted = Mistral(CFG).apply({"params": params}, TOKENS)
+  plain = Mistral(CFG.without_lora()).apply({"params": base}, TOKENS)
+  got = Mistral(config).apply({"params": merged}, TOKENS)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(adapted), atol=1e-5)
+  assert np.max(np.abs(np.asarray(adapted) - np.asarray(plain))) > 1e-4
+
+
+@pytest.mark.parametrize("head", ["lm", "scalar"])
+def test_peft_export_loads_on_the_save_hf_base(tmp_path, head):
+  """transformers + peft, on the base `checkpoint.save_hf` wrote and our exported adapter,
+  compute our adapted model's outputs."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  peft_lib = pytest.importorskip("peft")
+  params = unit_params(CFG, head)
+  if head == "scalar":    # the trained head is part of the adapter (modules_to_save)
+    params["score"]["kernel"] = params["score"]["kernel"] * 3.0
+  adapters, base = lora.split(params, lora.trainable_leaves(("score",)))
+  checkpoint.save_hf(str(tmp_path / "base"), CFG.without_lora(), lora.combine(
+      base, {"score": {"kernel": np.zeros_like(params["score"]["kernel"])}} if head == "scalar"
+      else {}), head=head)
+  peft.save_adapter(str(tmp_path / "adapter"), CFG, adapters, head=head)
+  auto = (transformers.AutoModelForSequenceClassification if head == "scalar"
+          else transformers.AutoModelForCausalLM)
+  model = peft_lib.PeftModel.from_pretrained(
+      auto.from_pretrained(str(tmp_path / "base"), dtype=torch.float32),
+      str(tmp_path / "adapter")).eval()
+  ours = np.asarray(Mistral(CFG, head=head).apply({"params": params}, TOKENS))
+  with torch.no_grad():
+    if head == "lm":
+      theirs = model(input_ids=torch.as_tensor(np.asarray(TOKENS), dtype=torch.long)).logits
+      np.testing.assert_allclose(theirs.numpy(), ours, atol=1e-4)
+    else:   # per-position scores: the classifier's head over every position's hidden state
+      for row in range(TOKENS.shape[0]):
+        ids = torch.as_tensor(np.asarray(TOKENS[row:row + 1]), dtype=torch.long)
+        theirs = model(input_ids=ids).logits[0, 0].item()
+        np.testing.assert_allclose(theirs, ours[row, -1], atol=1e-4)
 
 
 def test_imported_peft_adapter_is_the_start_and_exports_bit_identically(tmp_path, sft_run,
@@ -320,6 +379,7 @@ def test_lora_reward_model_trains_adapters_and_its_head(tmp_path, sp_model_path,
       np.testing.assert_array_equal(flat(merged)[path], x, err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_lora_dpo_runs_and_keeps_the_base(tmp_path, sp_model_path, base_dirs, comparisons):
   from cai_jax.train.dpo import run_dpo
   cfg = train_worker.pair_stage_config("dpo", sp_model_path, comparisons,
@@ -376,6 +436,28 @@ def test_ppo_lora_reference_is_the_base_and_the_critic_shares_the_reward_model(
              if k[-1] == "lora_b")
 
 
+@pytest.mark.slow
+def test_ppo_init_adapter_starts_the_actor_and_the_critic_starts_fresh(
+    sft_run, sp_model_path, prompt_files, base_dirs):
+  from cai_jax.tokenizer import Tokenizer
+  _, workdir, _, _ = sft_run
+  source = os.path.join(workdir, "adapter")
+  cfg = ppo_worker.config_from_files(sp_model_path, prompt_files, actor_init=base_dirs["lm"],
+                                     rm_init=base_dirs["scalar"],
+                                     **{"lora.rank": 4, "lora.init_adapter": source})
+  _, state, _ = ppo.build(cfg, parallel.mesh_from_config(cfg.mesh),
+                          Tokenizer.from_file(sp_model_path))
+  config = checkpoint.read_model_config(base_dirs["lm"])[0].replace(lora_rank=4, lora_alpha=32.0)
+  want = flat(peft.load_adapter(source, config))
+  got = flat(state.actor.params)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
+  critic = flat(state.critic.params)
+  assert all(np.all(v == 0) for k, v in critic.items() if k[-1] == "lora_b")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
 def test_ppo_lora_runs_with_every_critic_free_estimator(tmp_path, sp_model_path, prompt_files,
                                                         estimator):
@@ -390,6 +472,7 @@ def test_ppo_lora_runs_with_every_critic_free_estimator(tmp_path, sp_model_path,
 LORA_PPO = {"lora.rank": 4, "actor_optim.lr": 1e-2, "critic_optim.lr": 1e-2}
 
 
+@pytest.mark.slow
 def test_ppo_lora_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, sp_model_path,
                                                                   prompt_files):
   k = 2
@@ -414,6 +497,7 @@ def test_ppo_lora_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, sp_m
           == jsonl.file_sha256(os.path.join(straight, "adapter", peft.WEIGHTS_FILE)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [(2, 2, 2)])
 def test_ppo_lora_sharded_iteration_matches_one_device(mesh, tmp_path, sp_model_path,
                                                        prompt_files):

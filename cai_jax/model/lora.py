@@ -74,15 +74,16 @@ def delta(a, b, kernel_shape: tuple[int, ...]):
 
 
 def merge(config: MistralConfig, params) -> tuple[MistralConfig, dict]:
-  """(config without LoRA, params with every kernel W replaced by W + scale * B A, in W's
-  dtype): one model that computes what base + adapters compute, for export and serving."""
+  """(config without LoRA, params with every kernel W replaced by W + scale * B A): one model
+  that computes what base + adapters compute, for export and serving. Every leaf and the
+  config's param_dtype are float32 (exact for a bf16 base): rounding W + scale * B A back to
+  a bf16 base's precision would erase most of a LoRA run's small updates."""
   flat = traverse_util.flatten_dict(dict(params))
-  out = {k: v for k, v in flat.items() if not is_adapter(k)}
+  out = {k: jnp.asarray(v, jnp.float32) for k, v in flat.items() if not is_adapter(k)}
   for module, (a, b) in adapter_pairs(params).items():
     w = out[module + ("kernel",)]
-    merged = jnp.asarray(w, jnp.float32) + config.lora_scale * delta(a, b, w.shape)
-    out[module + ("kernel",)] = merged.astype(w.dtype)
-  return config.without_lora(), traverse_util.unflatten_dict(out)
+    out[module + ("kernel",)] = w + config.lora_scale * delta(a, b, w.shape)
+  return config.without_lora().replace(param_dtype="float32"), traverse_util.unflatten_dict(out)
 
 
 def init_adapters(config: MistralConfig, mesh: Mesh, rng, head: str = "lm",

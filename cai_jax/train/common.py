@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from typing import Any, NamedTuple
@@ -154,12 +155,22 @@ def describe_trained(trained: Trained) -> str:
 
 
 def base_pointer(init_from: str) -> dict:
-  """What a LoRA checkpoint records of its frozen base: the directory and the hash of its
-  config.json (the weights themselves are not copied into every checkpoint)."""
+  """What a LoRA checkpoint records of its frozen base (the weights themselves are not copied
+  into every checkpoint): the directory, the SHA-256 of its config.json and a fingerprint of
+  its files (names, sizes, modification times: a base written again, e.g. by a rerun SFT, is
+  another base; hashing 14 GB of weights at every start would cost minutes)."""
   if not init_from:
-    return {"path": "", "config_sha256": ""}
+    return {"path": "", "config_sha256": "", "files": ""}
+  listing = []
+  for root, dirs, names in os.walk(init_from):
+    dirs.sort()
+    for name in sorted(names):
+      st = os.stat(os.path.join(root, name))
+      listing.append(f"{os.path.relpath(os.path.join(root, name), init_from)}\0{st.st_size}"
+                     f"\0{st.st_mtime_ns}")
   return {"path": os.path.abspath(init_from),
-          "config_sha256": jsonl.file_sha256(os.path.join(init_from, "config.json"))}
+          "config_sha256": jsonl.file_sha256(os.path.join(init_from, "config.json")),
+          "files": hashlib.sha256("\n".join(listing).encode()).hexdigest()}
 
 
 class BasePointer:
@@ -174,13 +185,14 @@ class BasePointer:
     return self.pointer
 
   def restore(self, saved: dict) -> None:
-    if saved.get("config_sha256") != self.pointer.get("config_sha256"):
+    keys = ("config_sha256", "files")
+    if any(saved.get(k) != self.pointer.get(k) for k in keys):
       from cai_jax.train.checkpointing import CheckpointRestoreError
       raise CheckpointRestoreError(
           f"the checkpoint's adapters were trained on the base {saved.get('path')!r} "
-          f"(config.json sha256 {saved.get('config_sha256')}), this run loads "
-          f"{self.pointer.get('path')!r} (sha256 {self.pointer.get('config_sha256')}); "
-          "point init_from at the original base or use another workdir")
+          f"({', '.join(f'{k} {saved.get(k)}' for k in keys)}); this run loads "
+          f"{self.pointer.get('path')!r} ({', '.join(f'{k} {self.pointer.get(k)}' for k in keys)})"
+          "; point init_from at the original base or use another workdir")
 
 
 def host_state_of(trained: Trained) -> dict:

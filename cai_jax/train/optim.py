@@ -24,9 +24,10 @@ def learning_rate_schedule(*, lr: float, total_steps: int, warmup_steps: int = 0
 
 
 def decay_mask(params):
-  """Weight decay on matrices (kernels, embeddings) only; never on norm scales."""
+  """Weight decay on matrices (kernels, embeddings, LoRA adapters) only; never on norm
+  scales."""
   def keep(path, _):
-    return getattr(path[-1], "key", None) in ("kernel", "embedding")
+    return getattr(path[-1], "key", None) in ("kernel", "embedding", "lora_a", "lora_b")
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

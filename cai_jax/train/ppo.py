@@ -5,10 +5,16 @@ program), or a critic-free estimator (GRPO, RLOO, REINFORCE++: three models), pe
 NeMo-Aligner runs PPO as an actor job plus a critic/RM server talking HTTP;
 here the models share one mesh and each iteration is three compiled functions:
 
-  rollout(actor, prompts, key)                      -> responses, their log-probs (KV cache)
-  score(ref, critic, rm, rollout, beta)             -> rewards, values, advantages, metrics
-  update(actor_state, critic_state, exp, beta, key) -> E epochs x M shuffled minibatches
+  rollout(actor, frozen, prompts, key)             -> responses, their log-probs (KV cache)
+  score(actor, critic, frozen, ref, rm, rollout, beta)
+                                                    -> rewards, values, advantages, metrics
+  update(actor_state, critic_state, exp, beta, key, frozen)
+                                                    -> E epochs x M shuffled minibatches
                                                        (nested lax.scan)
+
+`frozen` (`Frozen`) holds what LoRA keeps fixed: the actor's base, which with the adapters
+off is also the reference (no reference copy), and the critic's body, the reward model's own
+arrays (the critic is an adapter and a value head on it); {} under full fine-tuning.
 
 Each phase can work through its rows in sequential pieces inside its program, NeMo-Aligner's
 micro-batch knobs, all counted in responses per data-parallel replica (0 = all at once):
@@ -495,7 +501,10 @@ def load_models(cfg, mesh, *, reward_fn: RewardFn | None = None):
   critic = None
   if cfg.ppo.advantage == "gae":
     shared = rm if use_lora and cfg.critic_init in ("", cfg.rm_init) else None
-    critic = common.load_trained(cfg, mesh, head="scalar", init_from=cfg.critic_init or cfg.rm_init,
+    # lora.init_adapter starts the actor; the critic's adapter always starts fresh.
+    critic_cfg = _with(cfg, lora=_with(cfg.lora, init_adapter="")) if use_lora else cfg
+    critic = common.load_trained(critic_cfg, mesh, head="scalar",
+                                 init_from=cfg.critic_init or cfg.rm_init,
                                  seed=seed + 1, allow_head_change=True,
                                  trained_heads=("score",), frozen_base=shared)
   frozen = Frozen(actor.frozen, critic.frozen if critic else {})
