@@ -179,9 +179,9 @@ class Projection(nn.Module):
 
 
 def _flat_matmul(x: Array, kernel: Array, n_in: int) -> Array:
-  """x [..., in dims] @ kernel [in dims, out dims] -> [..., out dims], as one 2-D matmul
-  ([rows, in] @ [in, out]): every projection's `eqn` contracts x's last `n_in` dims with
-  the kernel's first ones. Written out because XLA:CPU runs the gradient of the einsum
+  """x [..., in dims] @ kernel [in dims, out dims] -> [..., out dims] (x's last `n_in` dims
+  against the kernel's first ones), as one 2-D matmul ([rows, in] @ [in, out]). Not an
+  einsum over the unflattened dims because XLA:CPU runs the gradient of that einsum
   (kernel gradient contracting over batch *and* time) about 2x slower than the same
   contraction over one flattened dim, and a LoRA adapter's skinny einsums ~3x slower."""
   lead = x.shape[:x.ndim - n_in]

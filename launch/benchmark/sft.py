@@ -28,9 +28,9 @@ def measure(setup: Setup, shapes: Shapes, reps: int, ceilings: dict, lora_rank: 
   mode). One step at (sft_batch, sft_seq), then each of `shapes.sft_extra`.
 
   With `lora_rank` (the lora mode) both sides train rank-r adapters (alpha 32) on every
-  projection of the frozen model: ours through `common.load_trained`'s split (the step
-  takes the frozen base as an argument), theirs with `peft.get_peft_model`, AdamW over
-  the adapters alone. Its FLOPs per token count the forward and the input gradients
+  projection of the frozen model: ours fresh from `lora.init_adapters`, the step taking the
+  frozen base as an argument (as `common.load_trained`'s stages run it), theirs with
+  `peft.get_peft_model`, AdamW over the adapters alone. Its FLOPs per token count the forward and the input gradients
   (2x the forward): the frozen weights get no weight gradients."""
   runs = [(shapes.sft_batch, shapes.sft_seq)] + list(shapes.sft_extra)
   out = {"optimizer": {**SFT_OPTIM, "torch": "AdamW(fused=True)"},
