@@ -135,23 +135,3 @@ def test_tiny_pipeline_with_mistral_tokenizer(tmp_path, mistral_v1_path):
   assert ppo_report["final_train"]["response_length"] > 0
   assert "cai_jax pipeline finished" in out.stdout
 
-
-@pytest.mark.slow
-def test_tiny_pipeline_with_lora_and_dpo(tmp_path):
-  """`--config.lora.rank=16` reaches every trained stage (sft, rm and the policy stage, here
-  DPO): each trains rank-16 adapters, exports the merged model and its PEFT adapter, and the
-  evaluation compares the merged models."""
-  out = pipeline(tmp_path, "--config.lora.rank=16", "--config.policy_stage=dpo",
-                 "--config.dpo.num_epochs=1", timeout=2400)
-  assert out.returncode == 0, out.stderr[-3000:]
-  for stage in ("sft", "rm", "dpo"):
-    report = json.load(open(tmp_path / stage / "report.json"))
-    training = report["training"]
-    assert training["lora_rank"] == 16, stage
-    assert 0 < training["trained_params"] < training["total_params"] / 10, (stage, training)
-    adapter = json.load(open(tmp_path / stage / "adapter" / "adapter_config.json"))
-    assert adapter["r"] == 16 and adapter["peft_type"] == "LORA", stage
-  base = json.load(open(tmp_path / "base" / "report.json"))     # trained from random weights
-  assert base["training"]["lora_rank"] == 0 and not (tmp_path / "base" / "adapter").exists()
-  report = json.load(open(tmp_path / "evaluate" / "report.json"))
-  assert set(report["models"]) == {"base", "sft", "dpo"}

@@ -155,7 +155,9 @@ def experience(sp_model_path, prompt_files):
   return jax.device_get(exp)
 
 
-@pytest.mark.parametrize("case", list(UPDATE_CASES))
+# The first case runs in the fast suite; the other two (each loss_agg once) in the slow one.
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if i else [])
+                                  for i, c in enumerate(UPDATE_CASES)])
 def test_micro_batched_update_equals_whole_minibatch(case, experience, sp_model_path,
                                                      prompt_files):
   """2 epochs x 2 minibatches of 4 responses, each in 2 micro-batches of 2 (1 per device; one
