@@ -53,6 +53,20 @@ def test_one_gpu_lora_notebook_runs(tmp_path, monkeypatch):
     assert f"{stage}/adapter/adapter_config.json" in text
   assert not (tmp_path / "tokenizer").exists()          # Mistral's tokenizer replaces the stage
   assert json.loads((tmp_path / "sft" / "hf" / "config.json").read_text())["vocab_size"] == 32000
+  # The tiny pipeline with Mistral-7B's own tokenizer (dummy prefix, `<extra_id_1>` as 7
+  # tokens) through every stage, the tiny model's vocabulary following it to 32000.
+  for stage in ("base", "sl_cai", "sft", "hh", "rl_cai", "rm", "ppo", "evaluate"):
+    assert json.loads((tmp_path / stage / "manifest.json").read_text())["complete"], stage
+  for model in ("base", "sft", "rm", "ppo"):
+    config = json.loads((tmp_path / model / "model" / "config.json").read_text())
+    assert config["vocab_size"] == 32000, model
+  # Every RL-CAI comparison went through the 7-token marker.
+  comparisons = [json.loads(l) for l in open(next((tmp_path / "rl_cai").glob(
+      "**/*train_comparisons_with_chat_prompt.jsonl")))]
+  assert comparisons and all(c["text"].endswith("\n<extra_id_1>") for c in comparisons)
+  ppo_report = json.loads((tmp_path / "ppo" / "report.json").read_text())
+  assert ppo_report["final_train"]["response_length"] > 0
+  assert ppo_report["training"]["actor"]["lora_rank"] == 16
   if "PEFT check skipped" not in text:
     assert "-> matches" in text
   assert "cai_jax pipeline finished" in text

@@ -112,26 +112,3 @@ def test_pipeline_killed_mid_stage_resumes_without_duplicates(tmp_path):
   blend = [json.loads(l) for l in open(tmp_path / "sl_cai" / "sft_blend.jsonl")]
   sl = [r for r in blend if r["dataset"] == "sl_cai"]
   assert len({r["conversations"][0]["value"] for r in sl}) == len(sl)
-
-
-@pytest.mark.slow
-def test_tiny_pipeline_with_mistral_tokenizer(tmp_path, mistral_v1_path):
-  """Mistral-7B's own tokenizer (dummy prefix, `<extra_id_1>` as 7 tokens) through every stage,
-  the tiny model's vocabulary following it to 32000."""
-  out = pipeline(tmp_path, f"--config.tokenizer={mistral_v1_path}", timeout=2400)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert not (tmp_path / "tokenizer").exists()           # the given tokenizer is used as is
-  for stage in STAGES[1:]:
-    manifest = json.load(open(tmp_path / stage / "manifest.json"))
-    assert manifest["complete"] is True, stage
-  for model in ("base", "sft", "rm", "ppo"):
-    config = json.load(open(tmp_path / model / "model" / "config.json"))
-    assert config["vocab_size"] == 32000, model
-  # Every SL-CAI revision and RL-CAI comparison went through the 7-token marker.
-  comparisons = [json.loads(l) for l in open(next((tmp_path / "rl_cai").glob(
-      "**/*train_comparisons_with_chat_prompt.jsonl")))]
-  assert comparisons and all(c["text"].endswith("\n<extra_id_1>") for c in comparisons)
-  ppo_report = json.load(open(tmp_path / "ppo" / "report.json"))
-  assert ppo_report["final_train"]["response_length"] > 0
-  assert "cai_jax pipeline finished" in out.stdout
-
