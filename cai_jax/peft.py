@@ -23,10 +23,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from cai_jax.checkpoint import _to_host, publishing_dir
+from cai_jax.model import lora
 from cai_jax.model.config import LORA_TARGETS, MistralConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -99,17 +101,7 @@ def _set(tree: dict, path: tuple, value) -> None:
 
 
 def _adapter_paths(params) -> set[tuple]:
-  out = set()
-
-  def walk(tree, prefix):
-    for k, v in tree.items():
-      if isinstance(v, Mapping):
-        walk(v, prefix + (k,))
-      elif k in ("lora_a", "lora_b"):
-        out.add(prefix + (k,))
-
-  walk(params, ())
-  return out
+  return set(traverse_util.flatten_dict(lora.split(params)[0]))
 
 
 def _lora_config_json(config: MistralConfig, head: str, base_model: str,

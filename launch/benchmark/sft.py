@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cai_jax.model import param_shardings, resolve_attention_impl
+from cai_jax.model.config import LORA_TARGETS
 from launch.benchmark.hardware import peak_flops
 from launch.benchmark.report import row
 from launch.benchmark.timing import log, median, time_calls
@@ -18,7 +19,6 @@ from launch.benchmark.workload import Shapes, random_tokens
 
 SFT_OPTIM = dict(lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0)
 LORA_ALPHA = 32.0
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def measure(setup: Setup, shapes: Shapes, reps: int, ceilings: dict, lora_rank: int = 0) -> dict:
